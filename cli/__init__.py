@@ -1,0 +1,1 @@
+"""The ``featurestore`` command: thin click commands over the Python API."""
