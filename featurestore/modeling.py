@@ -242,3 +242,18 @@ def save_config_extras(path: Path, **extra) -> None:
     cfg = json.loads((path / "config.json").read_text())
     cfg.update(extra)
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def weights_fingerprint(path: str | os.PathLike, sample_bytes: int = 1 << 20) -> str:
+    """Identifies the weights without reading them all: each file's size, header and three sampled slices."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for file in sorted(Path(path).glob("*.safetensors")):
+        size = file.stat().st_size
+        digest.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            for offset in (0, max(0, size // 2 - sample_bytes // 2), max(0, size - sample_bytes)):
+                handle.seek(offset)
+                digest.update(handle.read(sample_bytes))
+    return digest.hexdigest()

@@ -1,0 +1,154 @@
+"""Taking activations out of a batched forward pass as sparse (feature, seq_id, pos, act) rows.
+
+Everything is tensor work on the model's device; nothing loops over activations in Python.
+- Transcoder features: every non-zero of relu(W_enc x + b_enc), read by the adapter's feature hook.
+- MLP neurons: the input of ``down_proj`` (act(gate)·up) for a seeded sample of neurons; per sequence,
+  each neuron's top 20 positions above 0.01, plus exact counts of positive activations over all tokens.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NEURON_TOP_K = 20
+NEURON_MIN_ACT = 0.01
+
+
+class StopForward(Exception):
+    """Raised after the last requested layer so later layers (and the LM head) are not computed."""
+
+
+class LayerAccumulator:
+    """Rows and per-feature statistics of one (source, layer) within the current chunk."""
+
+    def __init__(self, n_units: int):
+        self.n_units = n_units
+        self.parts: list[tuple[torch.Tensor, ...]] = []  # (feature, seq_id, pos, act) on CPU
+        self.n_rows = 0
+        self.reset_stats()
+
+    def reset_stats(self) -> None:
+        self.count = np.zeros(self.n_units, dtype=np.int64)
+        self.sum = np.zeros(self.n_units, dtype=np.float64)
+        self.max = np.zeros(self.n_units, dtype=np.float32)
+
+    def add_rows(self, feature, seq_id, pos, act) -> None:
+        self.parts.append((feature, seq_id, pos, act))
+        self.n_rows += len(act)
+
+    def take_rows(self) -> tuple[np.ndarray, ...] | None:
+        if not self.parts:
+            return None
+        columns = [torch.cat([p[i] for p in self.parts]).numpy() for i in range(4)]
+        self.parts, self.n_rows = [], 0
+        return tuple(columns)
+
+    def add_stats_from_rows(self, feature: np.ndarray, act: np.ndarray) -> None:
+        self.count += np.bincount(feature, minlength=self.n_units)
+        self.sum += np.bincount(feature, weights=act, minlength=self.n_units)
+        np.maximum.at(self.max, feature, act)
+
+    def take_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        stats = (self.count, self.sum, self.max)
+        self.reset_stats()
+        return stats
+
+
+class Capture:
+    """Installs hooks on a model and routes each batch's activations into per-layer accumulators."""
+
+    source: str
+
+    def __init__(self, layers: list[int]):
+        self.layers = sorted(layers)
+        self.last_layer = self.layers[-1]
+        self.seq_ids: torch.Tensor | None = None  # (B,) int32 on the device
+        self.valid: torch.Tensor | None = None  # (B, T) bool on the device
+        self.acc: dict[int, LayerAccumulator] = {}
+        self._handles: list = []
+
+    def set_batch(self, seq_ids: torch.Tensor, valid: torch.Tensor) -> None:
+        self.seq_ids, self.valid = seq_ids, valid
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _emit(self, layer: int, b: torch.Tensor, t: torch.Tensor, f: torch.Tensor, act: torch.Tensor) -> None:
+        self.acc[layer].add_rows(
+            f.to(torch.int32).cpu(), self.seq_ids[b].cpu(), t.to(torch.int32).cpu(), act.to(torch.float32).cpu()
+        )
+
+
+class TranscoderCapture(Capture):
+    source = "transcoder"
+
+    def __init__(self, model, layers: list[int]):
+        super().__init__(layers)
+        adapters = [layer.mlp for layer in model.model.layers]
+        n_features = adapters[0].transcoder_enc.out_features
+        self.acc = {layer: LayerAccumulator(n_features) for layer in self.layers}
+        wanted = set(self.layers)
+        for index, adapter in enumerate(adapters):
+            adapter.feature_hook = self._hook if index in wanted else None
+        self._adapters = adapters
+
+    def remove(self) -> None:
+        for adapter in self._adapters:
+            adapter.feature_hook = None
+
+    def _hook(self, layer: int, features: torch.Tensor) -> None:
+        idx = features.nonzero()
+        b, t, f = idx[:, 0], idx[:, 1], idx[:, 2]
+        keep = self.valid[b, t]
+        b, t, f = b[keep], t[keep], f[keep]
+        self._emit(layer, b, t, f, features[b, t, f])
+        if layer == self.last_layer:
+            raise StopForward
+
+
+class NeuronCapture(Capture):
+    source = "neuron"
+
+    def __init__(self, model, layers: list[int], neurons: dict[int, list[int]]):
+        super().__init__(layers)
+        self.neurons = {layer: torch.as_tensor(neurons[layer], dtype=torch.long) for layer in self.layers}
+        self.acc = {layer: LayerAccumulator(len(neurons[layer])) for layer in self.layers}
+        for layer in self.layers:
+            down = model.model.layers[layer].mlp.down_proj
+            self._handles.append(down.register_forward_pre_hook(self._make_hook(layer)))
+
+    def _make_hook(self, layer: int):
+        def hook(module, args):
+            self._hook(layer, args[0])
+
+        return hook
+
+    def _hook(self, layer: int, hidden: torch.Tensor) -> None:
+        index = self.neurons[layer].to(hidden.device)
+        acts = hidden.index_select(-1, index).float()  # (B, T, n)
+        valid = self.valid[:, :, None]
+        positive = (acts > 0) & valid
+        acc = self.acc[layer]
+        acc.count += positive.sum(dim=(0, 1)).cpu().numpy()
+        acc.sum += torch.where(positive, acts, 0).sum(dim=(0, 1)).double().cpu().numpy()
+        acc.max = np.maximum(acc.max, torch.where(positive, acts, 0).amax(dim=(0, 1)).cpu().numpy())
+        k = min(NEURON_TOP_K, acts.shape[1])
+        masked = acts.masked_fill(~valid, float("-inf"))
+        values, positions = masked.topk(k, dim=1)  # (B, k, n)
+        keep = values > NEURON_MIN_ACT
+        b, j, n = keep.nonzero(as_tuple=True)
+        # Rows of a neuron carry its position in the sample; the writer maps it back to the neuron index.
+        self._emit(layer, b, positions[b, j, n], n, values[b, j, n])
+        if layer == self.last_layer:
+            raise StopForward
+
+
+def sample_neurons(intermediate_size: int, n_per_layer: int, layers: list[int], seed: int) -> dict[int, list[int]]:
+    """A seeded, sorted sample of neuron indices per layer (independent of which other layers are asked)."""
+    n = min(n_per_layer, intermediate_size)
+    return {
+        layer: sorted(np.random.default_rng([seed, layer]).choice(intermediate_size, size=n, replace=False).tolist())
+        for layer in layers
+    }

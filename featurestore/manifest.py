@@ -1,0 +1,145 @@
+"""The store's manifest (``featurestore.json``): what the store holds and which chunks are committed.
+
+A chunk's files are written under temporary names, renamed, and only then recorded here by an atomic
+rewrite of the manifest; readers list files from the manifest, never by globbing, so a file whose chunk
+was not recorded (a crash between rename and commit) is invisible and is overwritten on resume.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+from .schema import FORMAT_VERSION, MANIFEST
+from .storage import write_bytes_atomic
+
+# Settings that decide the tokens and sequences tables; a later run must match them exactly.
+DATA_KEYS = ("format", "max_length", "max_samples", "skip_incomplete", "chunk_size", "tokenizer")
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def is_store(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+class Manifest:
+    def __init__(self, root: Path, data: dict):
+        self.root = root
+        self.data = data
+
+    # ---- reading
+    @classmethod
+    def load(cls, root: str | os.PathLike) -> "Manifest":
+        root = Path(root)
+        file = root / MANIFEST
+        if not file.is_file():
+            raise UserError(f"{root} is not a feature store (no {MANIFEST})")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{file} is corrupt: {exc.msg}") from None
+        if data.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{root} has store format {data.get('format_version')}, this featurestore reads {FORMAT_VERSION}")
+        return cls(root, data)
+
+    @property
+    def model(self) -> dict:
+        return self.data["model"]
+
+    @property
+    def chunks(self) -> list[dict]:
+        return self.data["chunks"]
+
+    def committed(self, source: str) -> set[int]:
+        return {c["chunk"] for c in self.chunks if c["source"] == source}
+
+    def has_tokens(self, chunk: int) -> bool:
+        return any(c["chunk"] == chunk and c["files"].get("tokens") for c in self.chunks)
+
+    def files(self, table: str, source: str | None = None) -> list[str]:
+        """Committed files of a table, relative to the store root, in chunk order."""
+        out = []
+        for record in sorted(self.chunks, key=lambda c: (c["chunk"], c["source"])):
+            if source is None or record["source"] == source or table in ("tokens", "sequences"):
+                out.extend(record["files"].get(table, []))
+        if table == "logit_lens":
+            for name, files in sorted(self.data.get("logit_lens", {}).items()):
+                if source is None or name == source:
+                    out.extend(files)
+        return out
+
+    def sources(self) -> list[str]:
+        return sorted(self.data.get("sources", {}))
+
+    # ---- writing
+    def save(self) -> None:
+        write_bytes_atomic(self.root / MANIFEST, json.dumps(self.data, indent=1).encode())
+
+    @classmethod
+    def create(cls, root: Path, model: dict, data: dict, settings: dict) -> "Manifest":
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = cls(root, {
+            "format_version": FORMAT_VERSION,
+            "created": now(),
+            "model": model,
+            "data": data,
+            "settings": settings,
+            "sources": {},
+            "vocab": None,
+            "logit_lens": {},
+            "runs": [],
+            "chunks": [],
+        })
+        manifest.save()
+        return manifest
+
+    def check_compatible(self, model: dict, data: dict, settings: dict, source: str, source_settings: dict) -> None:
+        """Refuse to mix a different model, dataset or collection settings into this store."""
+        mine = self.data
+        for key in ("fingerprint", "weights_fingerprint"):
+            if mine["model"].get(key) != model.get(key):
+                raise UserError(f"store {self.root} was built from model {mine['model'].get('name')!r}; "
+                                f"refusing to add activations of {model.get('name')!r} (use a new --store)")
+        if mine["data"].get("sha256") != data.get("sha256"):
+            raise UserError(f"store {self.root} was collected from {mine['data'].get('path')!r}; "
+                            f"{data.get('path')!r} has different contents (use a new --store)")
+        for key in DATA_KEYS:
+            if mine["settings"].get(key) != settings.get(key):
+                raise UserError(f"store {self.root} was collected with {key}={mine['settings'].get(key)!r}, "
+                                f"not {settings.get(key)!r} (use a new --store or the same settings)")
+        previous = mine["sources"].get(source)
+        if previous is not None and previous != source_settings:
+            diff = sorted(k for k in set(previous) | set(source_settings) if previous.get(k) != source_settings.get(k))
+            raise UserError(f"store {self.root} holds {source} activations collected with other settings "
+                            f"({', '.join(diff)}); use a new --store or the same settings")
+
+    def commit_chunk(self, record: dict) -> None:
+        if record["chunk"] in self.committed(record["source"]):
+            raise RuntimeError(f"chunk {record['chunk']} of {record['source']} committed twice")
+        self.chunks.append(record)
+        self.save()
+
+
+@contextlib.contextmanager
+def writer_lock(root: Path) -> Iterator[None]:
+    """One writer per store: a second concurrent ``collect`` fails fast instead of interleaving commits."""
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(f"store {root} is being written by another process") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

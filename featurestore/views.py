@@ -1,0 +1,107 @@
+"""Every DuckDB view over the store, defined once; the Python API and ``featurestore sql`` both use these.
+
+Chunked tables are read from the files the manifest lists as committed (never by globbing), with the
+hive partition columns typed explicitly. Tables written one whole file at a time by other writers
+(interp, graphs) are registered in ``GLOB_VIEWS`` and read by glob.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from . import schema
+from .manifest import Manifest
+
+_DUCK_TYPES = {
+    pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
+    pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN",
+    pa.binary(): "BLOB", pa.large_string(): "VARCHAR", pa.timestamp("us"): "TIMESTAMP",
+}
+
+RANDOM_ORDER_SQL = "hash(seq_id, pos, feature, {seed}::BIGINT), seq_id, pos"
+"""The seeded order behind "random samples": the same store and seed give the same samples everywhere."""
+
+# name -> (glob relative to the store root, pyarrow schema); for tables written whole-file by other modules.
+GLOB_VIEWS: dict[str, tuple[str, pa.Schema]] = {}
+
+
+def _duck_type(t: pa.DataType) -> str:
+    if pa.types.is_dictionary(t):
+        return _duck_type(t.value_type)
+    return _DUCK_TYPES.get(t, "VARCHAR")
+
+
+def empty_select(columns: dict[str, str]) -> str:
+    cols = ", ".join(f"CAST(NULL AS {typ}) AS {name}" for name, typ in columns.items())
+    return f"SELECT {cols} WHERE false"
+
+
+def schema_columns(s: pa.Schema, partitioned: bool = False) -> dict[str, str]:
+    cols = {"source": "VARCHAR", "layer": "INTEGER"} if partitioned else {}
+    return cols | {f.name: _duck_type(f.type) for f in s}
+
+
+def sql_list(paths: list[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def parquet_scan(files: list[str], partitioned: bool) -> str:
+    hive = ", hive_partitioning = true, hive_types = {'source': VARCHAR, 'layer': INTEGER}" if partitioned else ""
+    return f"read_parquet({sql_list(files)}{hive})"
+
+
+def _table_select(manifest: Manifest, table: str, s: pa.Schema, partitioned: bool, source: str | None = None) -> str:
+    files = [str(manifest.root / f) for f in manifest.files(table, source)]
+    columns = schema_columns(s, partitioned)
+    if not files:
+        return empty_select(columns)
+    return f"SELECT {', '.join(columns)} FROM {parquet_scan(files, partitioned)}"
+
+
+def activation_scan(manifest: Manifest, source: str, layer: int) -> str:
+    """A FROM clause over one layer's activation files: what per-feature queries use (pruned up front)."""
+    prefix = schema.partition_dir("activations", source, layer) + "/"
+    files = [str(manifest.root / f) for f in manifest.files("activations", source) if f.startswith(prefix)]
+    if not files:
+        return f"({empty_select(schema_columns(schema.ACTIVATIONS))})"
+    return f"read_parquet({sql_list(files)})"
+
+
+def register(con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
+    root = manifest.root
+    vocab = root / schema.VOCAB_FILE
+    vocab_sql = f"SELECT * FROM read_parquet('{vocab}')" if vocab.exists() else empty_select(schema_columns(schema.VOCAB))
+    con.execute(f"CREATE OR REPLACE VIEW vocab AS {vocab_sql}")
+    con.execute(f"CREATE OR REPLACE VIEW sequences AS {_table_select(manifest, 'sequences', schema.SEQUENCES, False)}")
+    con.execute(f"""CREATE OR REPLACE VIEW tokens AS
+        SELECT t.seq_id, t.pos, t.token_id, v.token, t.region::VARCHAR AS region, t.thinking_pos
+        FROM ({_table_select(manifest, 'tokens', schema.TOKENS, False)}) t LEFT JOIN vocab v USING (token_id)""")
+    con.execute(f"CREATE OR REPLACE VIEW activations AS {_table_select(manifest, 'activations', schema.ACTIVATIONS, True)}")
+    con.execute(f"CREATE OR REPLACE VIEW feature_stats AS {_table_select(manifest, 'feature_stats', schema.FEATURE_STATS, True)}")
+    con.execute(f"""CREATE OR REPLACE VIEW logit_lens AS
+        SELECT l.source, l.layer, l.feature, l.side, l.rank, l.token_id, v.token, l.value
+        FROM ({_table_select(manifest, 'logit_lens', schema.LOGIT_LENS, True)}) l LEFT JOIN vocab v USING (token_id)""")
+    totals = {}
+    for record in manifest.chunks:
+        totals[record["source"]] = totals.get(record["source"], 0) + record["n_tokens"]
+    rows = ", ".join(f"('{s}', {n})" for s, n in sorted(totals.items()))
+    source_tokens = f"SELECT * FROM (VALUES {rows}) t(source, n_tokens)" if rows else empty_select({"source": "VARCHAR", "n_tokens": "BIGINT"})
+    con.execute(f"CREATE OR REPLACE VIEW source_tokens AS {source_tokens}")
+    con.execute("""CREATE OR REPLACE VIEW features AS
+        SELECT s.source, s.layer, s.feature, sum(s.n_active)::BIGINT AS activation_count,
+               sum(s.n_active) / any_value(t.n_tokens) AS activation_freq,
+               max(s.max_act) AS max_act, sum(s.sum_act) / sum(s.n_active) AS mean_act
+        FROM feature_stats s JOIN source_tokens t USING (source)
+        GROUP BY s.source, s.layer, s.feature HAVING sum(s.n_active) > 0""")
+    for name, (pattern, s) in GLOB_VIEWS.items():
+        register_glob_view(con, root, name, pattern, s)
+
+
+def register_glob_view(con: duckdb.DuckDBPyConnection, root: Path, name: str, pattern: str, s: pa.Schema) -> None:
+    if any(root.glob(pattern)):
+        select = f"SELECT * FROM read_parquet('{root / pattern}', union_by_name = true, hive_partitioning = true)"
+    else:
+        select = empty_select(schema_columns(s))
+    con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
