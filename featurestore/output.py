@@ -1,0 +1,33 @@
+"""Writing a DuckDB result as a table, CSV, JSON or Parquet (for ``featurestore sql``)."""
+from __future__ import annotations
+
+import json
+import sys
+
+import duckdb
+
+from .errors import UserError
+
+
+def write_relation(rel: duckdb.DuckDBPyRelation, fmt: str, output: str | None, max_rows: int = 40) -> None:
+    if fmt == "parquet":
+        if not output:
+            raise UserError("--format parquet needs --output FILE")
+        rel.to_parquet(output, compression="zstd")
+        return
+    if fmt == "csv":
+        frame = rel.pl()
+        text = frame.write_csv()
+    elif fmt == "json":
+        text = json.dumps(rel.pl().to_dicts(), default=str, ensure_ascii=False, indent=1) + "\n"
+    else:
+        import polars as pl
+
+        frame = rel.pl()
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160):
+            text = f"{frame}\n"
+    if output:
+        with open(output, "w") as handle:
+            handle.write(text)
+    else:
+        sys.stdout.write(text)
