@@ -99,11 +99,15 @@ class TranscoderCapture(Capture):
             adapter.feature_hook = None
 
     def _hook(self, layer: int, features: torch.Tensor) -> None:
-        idx = features.nonzero()
-        b, t, f = idx[:, 0], idx[:, 1], idx[:, 2]
-        keep = self.valid[b, t]
-        b, t, f = b[keep], t[keep], f[keep]
-        self._emit(layer, b, t, f, features[b, t, f])
+        # Flat 1-D indexing is several times faster than (b, t, f) advanced indexing on CPU.
+        n_features, length = features.shape[-1], features.shape[1]
+        flat = features.reshape(-1)
+        idx = flat.nonzero().squeeze(1)
+        token = idx // n_features
+        idx = idx[self.valid.reshape(-1)[token]]  # drop padding positions
+        token = idx // n_features
+        b = token // length
+        self._emit(layer, b, token - b * length, idx - token * n_features, flat[idx])
         if layer == self.last_layer:
             raise StopForward
 

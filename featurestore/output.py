@@ -24,7 +24,8 @@ def write_relation(rel: duckdb.DuckDBPyRelation, fmt: str, output: str | None, m
         import polars as pl
 
         frame = rel.pl()
-        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160):
+        with pl.Config(tbl_rows=max_rows, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=160, tbl_hide_dataframe_shape=True,
+                       tbl_hide_column_data_types=True, tbl_hide_dtype_separator=True):
             text = f"{frame}\n"
     if output:
         with open(output, "w") as handle:
