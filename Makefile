@@ -1,8 +1,11 @@
-# Two entry points: `make demo` and `make test`. Both create .venv on a fresh machine.
+# Two entry points: `make demo` and `make test`. Both set up a fresh machine: .venv, the project, and the
+# viewer's scripts from the npm registry; `make test` also installs Debian's chromium for the browser test.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VIEWER_ASSETS := .cache/viewer-assets/manifest.json
+CHROMIUM := /usr/bin/chromium
 
 .PHONY: demo test install clean
 
@@ -11,16 +14,22 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[test,ray]"
 	touch $(STAMP)
 
-install: $(STAMP)
+$(VIEWER_ASSETS): exporters/viewer_assets.py $(STAMP)
+	$(BIN)/python -m exporters.viewer_assets fetch || echo "viewer scripts not fetched: serve will load them online"
+
+$(CHROMIUM):
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+install: $(STAMP) $(VIEWER_ASSETS)
 
 demo: install
 	$(BIN)/featurestore demo --out demo-output
 
-test: install
+test: install $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) demo-output
+	rm -rf $(VENV) demo-output .cache
