@@ -36,13 +36,25 @@ _DEFAULTS = CollectOptions()
 @click.option("--chunk-size", type=int, default=_DEFAULTS.chunk_size, show_default=True, help="Rows per committed chunk (unit of resume).")
 @click.option("--tokenizer", default=None, help="Tokenizer path or id (default: the checkpoint's).")
 @click.option("--revision", default=None, help="Hub revision of the model.")
+@click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS|auto]",
+              help="Run on Ray actors: alone, a new local cluster; auto, the cluster `ray start` began on this node; "
+                   "HOST:PORT or ray://HOST:PORT, that cluster. Needs featurestore[ray].")
+@click.option("--num-workers", type=click.IntRange(1), default=None, help="With --ray: actors, each loading the model once [1].")
+@click.option("--gpus-per-worker", type=click.FloatRange(0), default=None, help="With --ray: GPUs per actor [0; use 1 on GPU nodes].")
 def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, device, batch_tokens, skip_incomplete, source,
-            neurons_per_layer, seed, chunk_size, tokenizer, revision):
+            neurons_per_layer, seed, chunk_size, tokenizer, revision, ray_address, num_workers, gpus_per_worker):
     """Run MODEL over DATA and store every non-zero feature activation.
 
     Interrupt at any time: rerunning the same command resumes from the last committed chunk.
     """
-    result = fs.collect(model, data, store, format=fmt, max_length=max_length, max_samples=max_samples,
+    run = fs.collect
+    if ray_address is not None:
+        from featurestore.distributed import cluster_collect
+
+        run = cluster_collect(ray_address, num_workers, gpus_per_worker)
+    elif num_workers is not None or gpus_per_worker is not None:
+        raise UserError("--num-workers and --gpus-per-worker need --ray")
+    result = run(model, data, store, format=fmt, max_length=max_length, max_samples=max_samples,
                         layers=parse_layers(layers), dtype=dtype, device=device, batch_tokens=batch_tokens,
                         skip_incomplete=skip_incomplete, source="neuron" if source.startswith("neuron") else source,
                         neurons_per_layer=neurons_per_layer, seed=seed, chunk_size=chunk_size, tokenizer=tokenizer,
@@ -54,7 +66,7 @@ def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, dev
 
 
 @click.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")  # a directory or an object-store URI (s3://bucket/prefix)
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json", "parquet"]), default="table", show_default=True)
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
@@ -67,7 +79,7 @@ def sql(store, query, fmt, output, max_rows):
 
 
 @click.command()
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store")  # a directory or an object-store URI (s3://bucket/prefix)
 @click.option("--json", "as_json", is_flag=True, help="Print the full info as JSON.")
 def info(store, as_json):
     """Model, sizes, counts and runs of a store."""

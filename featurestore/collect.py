@@ -26,7 +26,7 @@ from .logit_lens import logit_lens_table, neuron_directions, transcoder_directio
 from .manifest import DATA_KEYS, Manifest, is_store, now, writer_lock
 from .modeling import default_device, load_model, load_tokenizer, parse_dtype, weights_fingerprint
 from .regions import REGION_CODE, MarkerIds, assign_regions, find_markers
-from .storage import write_parquet_atomic
+from .storage import store_path, write_parquet_atomic
 from .vocab import build_vocab
 
 REGION_DICTIONARY = pa.array(schema.REGIONS, pa.string())
@@ -152,13 +152,24 @@ def run_batch(net, ids: list[np.ndarray], seq_ids: list[int], pad_id: int, devic
             pass
 
 
-class ChunkWriter:
-    """Writes a chunk's files on a background thread and commits it; at most one chunk is in flight."""
+def chunk_file_name(chunk: int, part: int | None = None, attempt: str | None = None) -> str:
+    """A chunk file's name; distributed attempts carry their id so two workers racing on a chunk never collide."""
+    name = schema.chunk_name(chunk, part)
+    return name if attempt is None else name.replace(".parquet", f".{attempt}.parquet")
 
-    def __init__(self, manifest: Manifest, source: str, unit_ids: dict[int, np.ndarray]):
-        self.manifest = manifest
+
+class ChunkWriter:
+    """Writes a chunk's files on a background thread and commits it; at most one chunk is in flight.
+
+    ``commit`` (the manifest's) is called with the chunk's record once its files are written; without it
+    (a distributed worker) the record is only returned, and the driver commits it.
+    """
+
+    def __init__(self, root: Path, source: str, unit_ids: dict[int, np.ndarray], commit=None):
+        self.root = root
         self.source = source
         self.unit_ids = unit_ids
+        self.commit = commit
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestore-writer")
         self.pending: list[Future] = []
 
@@ -181,7 +192,7 @@ class ChunkWriter:
 
     def clear_stale(self, chunk: int, with_tokens: bool) -> None:
         """Remove files an interrupted run left for this uncommitted chunk."""
-        root = self.manifest.root
+        root = self.root
         pattern = f"chunk-{chunk:06d}*.parquet"
         for table in ("activations", "feature_stats"):
             for path in (root / table / f"source={self.source}").glob(f"layer=*/{pattern}"):
@@ -191,34 +202,36 @@ class ChunkWriter:
                 for path in (root / table).glob(pattern):
                     path.unlink()
 
-    def write_part(self, chunk: int, layer: int, part: int, rows) -> str:
+    def write_part(self, chunk: int, layer: int, part: int, rows, attempt: str | None = None) -> str:
         feature, seq_id, pos, act = rows
         table = pa.table({"feature": self.unit_ids[layer][feature].astype(np.int32), "seq_id": seq_id, "pos": pos, "act": act},
                          schema=schema.ACTIVATIONS)
         table = table.sort_by([("feature", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")])
-        rel = f"{schema.partition_dir('activations', self.source, layer)}/{schema.chunk_name(chunk, part)}"
-        write_parquet_atomic(table, self.manifest.root / rel)
+        rel = f"{schema.partition_dir('activations', self.source, layer)}/{chunk_file_name(chunk, part, attempt)}"
+        write_parquet_atomic(table, self.root / rel)
         return rel
 
-    def write_stats(self, chunk: int, layer: int, stats) -> str:
+    def write_stats(self, chunk: int, layer: int, stats, attempt: str | None = None) -> str:
         count, total, peak = stats
         live = np.flatnonzero(count)
         table = pa.table({"feature": self.unit_ids[layer][live].astype(np.int32), "n_active": count[live],
                           "sum_act": total[live], "max_act": peak[live]}, schema=schema.FEATURE_STATS)
-        rel = f"{schema.partition_dir('feature_stats', self.source, layer)}/{schema.chunk_name(chunk)}"
-        write_parquet_atomic(table, self.manifest.root / rel)
+        rel = f"{schema.partition_dir('feature_stats', self.source, layer)}/{chunk_file_name(chunk, None, attempt)}"
+        write_parquet_atomic(table, self.root / rel)
         return rel
 
-    def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict) -> None:
-        files = record["files"]
+    def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict) -> dict:
+        files, attempt = record["files"], record.get("attempt")
         files["activations"] = [f.result() for f in part_futures]
-        files["feature_stats"] = [self.write_stats(record["chunk"], layer, s) for layer, s in sorted(stats.items())]
+        files["feature_stats"] = [self.write_stats(record["chunk"], layer, s, attempt) for layer, s in sorted(stats.items())]
         for name, table in tables.items():
-            rel = f"{name}/{schema.chunk_name(record['chunk'])}"
-            write_parquet_atomic(table, self.manifest.root / rel)
+            rel = f"{name}/{chunk_file_name(record['chunk'], None, attempt)}"
+            write_parquet_atomic(table, self.root / rel)
             files[name] = [rel]
-        record["committed"] = now()
-        self.manifest.commit_chunk(record)
+        if self.commit is not None:
+            record["committed"] = now()
+            self.commit(record)
+        return record
 
 
 def _make_capture(net, opts: CollectOptions, layers: list[int], neurons: dict[int, list[int]] | None) -> Capture:
@@ -245,6 +258,29 @@ def collect(model: str, data: str, store: str | Path, **options):
     from .store import Store
 
     opts = CollectOptions(**options)
+    check_options(opts)
+    store_dir = store_path(store)
+    dataset = open_dataset(data)
+    device = opts.device or default_device()
+    net, ckpt = load_model(model, dtype=opts.dtype, device=device, revision=opts.revision,
+                           require_adapter=opts.source == "transcoder")
+    tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
+    info, layers, source_settings, neurons = describe_model(ckpt, tokenizer, opts, device)
+    data_info, settings = describe_data(data, dataset, opts)
+
+    with writer_lock(store_dir):
+        manifest = _prepare_store(store_dir, info, data_info, settings, opts, source_settings)
+        _write_static_tables(manifest, net, tokenizer, opts.source, layers, neurons)
+        run = start_run(manifest, opts)
+        _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
+        if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
+            run["finished"] = now()
+            manifest.save()
+    return Store(store_dir)
+
+
+def check_options(opts: CollectOptions) -> None:
+    """Refuse bad options before any model is loaded."""
     if opts.source not in schema.SOURCES:
         raise UserError(f"unknown --source {opts.source!r}; use transcoder or neurons")
     if opts.format not in FORMATS:
@@ -254,39 +290,39 @@ def collect(model: str, data: str, store: str | Path, **options):
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if opts.max_samples is not None and opts.max_samples <= 0:
         raise UserError("--max-samples must be positive")
-    store_dir = Path(store).expanduser()
-    dataset = open_dataset(data)
-    device = opts.device or default_device()
-    net, ckpt = load_model(model, dtype=opts.dtype, device=device, revision=opts.revision,
-                           require_adapter=opts.source == "transcoder")
-    tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
+
+
+def describe_model(ckpt, tokenizer, opts: CollectOptions, device: str) -> tuple[dict, list[int], dict, dict | None]:
+    """What the manifest records of the model and this source: (model info, layers, source settings, neurons)."""
     layers = opts.layers if opts.layers is not None else list(range(ckpt.n_layers))
     bad = [layer for layer in layers if not 0 <= layer < ckpt.n_layers]
     if bad or not layers:
         raise UserError(f"--layers {bad or layers} out of range: the model has {ckpt.n_layers} layers")
 
     info = ckpt.to_dict() | {"weights_fingerprint": weights_fingerprint(ckpt.path), "tokenizer_vocab_size": len(tokenizer)}
-    data_info = {"path": str(data), "sha256": dataset.sha256, "n_rows": len(dataset)}
-    settings = {key: getattr(opts, key) for key in DATA_KEYS} | {"tokenizer": opts.tokenizer or "model"}
     source_settings = {"layers": layers, "dtype": str(parse_dtype(opts.dtype, device)).removeprefix("torch.")}
     neurons = None
     if opts.source == "neuron":
         neurons = sample_neurons(ckpt.d_mlp, opts.neurons_per_layer, layers, opts.seed)
         source_settings |= {"neurons_per_layer": opts.neurons_per_layer, "seed": opts.seed,
                             "neurons": {str(k): v for k, v in neurons.items()}}
+    return info, layers, source_settings, neurons
 
-    with writer_lock(store_dir):
-        manifest = _prepare_store(store_dir, info, data_info, settings, opts, source_settings)
-        _write_static_tables(manifest, net, tokenizer, opts.source, layers, neurons)
-        run = {"source": opts.source, "started": now(), "finished": None,
-               "options": {k: v for k, v in asdict(opts).items() if k not in ("stop_after_chunks", "progress")}}
-        manifest.data["runs"].append(run)
-        manifest.save()
-        _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
-        if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
-            run["finished"] = now()
-            manifest.save()
-    return Store(store_dir)
+
+def describe_data(data: str, dataset: Dataset, opts: CollectOptions) -> tuple[dict, dict]:
+    """What the manifest records of the dataset and of the settings that decide its tokens."""
+    data_info = {"path": str(data), "sha256": dataset.sha256, "n_rows": len(dataset)}
+    settings = {key: getattr(opts, key) for key in DATA_KEYS} | {"tokenizer": opts.tokenizer or "model"}
+    return data_info, settings
+
+
+def start_run(manifest: Manifest, opts: CollectOptions, **extra) -> dict:
+    """Log this invocation in the manifest's runs; the caller sets ``finished`` when every chunk is in."""
+    run = {"source": opts.source, "started": now(), "finished": None,
+           "options": {k: v for k, v in asdict(opts).items() if k not in ("stop_after_chunks", "progress")}} | extra
+    manifest.data["runs"].append(run)
+    manifest.save()
+    return run
 
 
 def _n_rows(dataset: Dataset, opts: CollectOptions) -> int:
@@ -300,11 +336,28 @@ def _all_done(manifest: Manifest, dataset: Dataset, opts: CollectOptions) -> boo
 
 def _write_static_tables(manifest: Manifest, net, tokenizer, source: str, layers: list[int], neurons) -> None:
     """The vocabulary (once per store) and the logit lens (once per source)."""
-    root = manifest.root
-    if manifest.data.get("vocab") is None:
+    written = write_static_tables(manifest.root, net, tokenizer, source, layers, neurons,
+                                  vocab=manifest.data.get("vocab") is None,
+                                  logit_lens=source not in manifest.data["logit_lens"])
+    record_static_tables(manifest, source, written)
+
+
+def record_static_tables(manifest: Manifest, source: str, written: dict) -> None:
+    if written.get("vocab"):
+        manifest.data["vocab"] = written["vocab"]
+    if written.get("logit_lens") is not None:
+        manifest.data["logit_lens"][source] = written["logit_lens"]
+    manifest.save()
+
+
+def write_static_tables(root: Path, net, tokenizer, source: str, layers: list[int], neurons, *, vocab: bool,
+                        logit_lens: bool) -> dict:
+    """Write the asked static tables; returns what to record: {"vocab": file or None, "logit_lens": files or None}."""
+    written = {"vocab": None, "logit_lens": None}
+    if vocab:
         write_parquet_atomic(build_vocab(tokenizer), root / schema.VOCAB_FILE)
-        manifest.data["vocab"] = schema.VOCAB_FILE
-    if source not in manifest.data["logit_lens"]:
+        written["vocab"] = schema.VOCAB_FILE
+    if logit_lens:
         unembed = net.lm_head.weight
         files = []
         for layer in layers:
@@ -315,8 +368,71 @@ def _write_static_tables(manifest: Manifest, net, tokenizer, source: str, layers
             rel = f"{schema.partition_dir('logit_lens', source, layer)}/logit_lens.parquet"
             write_parquet_atomic(table, root / rel)
             files.append(rel)
-        manifest.data["logit_lens"][source] = files
-    manifest.save()
+        written["logit_lens"] = files
+    return written
+
+
+class ChunkCollector:
+    """Turns one chunk's dataset rows into its written files: tokenizing, batched forward passes, capture, writes.
+
+    One per process that runs the model: the single-process loop below and each Ray worker
+    (``featurestore.distributed``) share it, so both write the same rows.
+    """
+
+    def __init__(self, root: Path, net, tokenizer, opts: CollectOptions, layers: list[int], neurons, device, commit=None):
+        self.net, self.tokenizer, self.opts, self.layers, self.device = net, tokenizer, opts, layers, device
+        self.markers = MarkerIds.from_tokenizer(tokenizer)
+        self.pad_id = next(x for x in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if x is not None)
+        n_units = {layer: (net.config.transcoder_n_features if opts.source == "transcoder" else len(neurons[layer])) for layer in layers}
+        unit_ids = {layer: (np.arange(n_units[layer]) if neurons is None else np.asarray(neurons[layer])) for layer in layers}
+        self.capture = _make_capture(net, opts, layers, neurons)
+        self.writer = ChunkWriter(root, opts.source, unit_ids, commit)
+        self.started, self.n_tokens = time.perf_counter(), 0
+
+    def submit_chunk(self, chunk: int, rows, row_range: tuple[int, int], with_tokens: bool, attempt: str | None = None,
+                     bar=None) -> Future:
+        """Run the chunk's forward passes and queue its files; the future gives its record once they are written."""
+        opts, capture, writer = self.opts, self.capture, self.writer
+        tok = tokenize_chunk(rows, self.tokenizer, opts, self.markers)
+        part_futures: list[Future] = []
+        parts = {layer: 0 for layer in self.layers}
+
+        def flush(layer: int) -> None:
+            rows = capture.acc[layer].take_rows()
+            if rows is None:
+                return
+            if opts.source == "transcoder":
+                capture.acc[layer].add_stats_from_rows(rows[0], rows[3])
+            part_futures.append(writer.submit(writer.write_part, chunk, layer, parts[layer], rows, attempt))
+            parts[layer] += 1
+
+        lengths = [len(x) for x in tok.ids]
+        for batch in plan_batches(lengths, opts.batch_tokens):
+            run_batch(self.net, [tok.ids[i] for i in batch], [tok.seq_ids[i] for i in batch], self.pad_id, self.device, capture)
+            for layer in self.layers:
+                if capture.acc[layer].n_rows >= opts.flush_rows:
+                    flush(layer)
+            self.n_tokens += sum(lengths[i] for i in batch)
+            if bar is not None:
+                bar.update(len(batch))
+                bar.set_postfix(tok_s=f"{self.n_tokens / max(time.perf_counter() - self.started, 1e-9):,.0f}", refresh=False)
+        if bar is not None:
+            bar.update(tok.n_skipped)
+        for layer in self.layers:
+            flush(layer)
+        stats = {layer: capture.acc[layer].take_stats() for layer in self.layers}
+        record = {"source": opts.source, "chunk": chunk, "rows": list(row_range), "n_sequences": len(tok.seq_ids),
+                  "n_skipped": tok.n_skipped, "n_tokens": int(sum(lengths)), "files": {}}
+        if attempt is not None:
+            record["attempt"] = attempt
+        tables = {"sequences": tok.sequences, "tokens": tok.tokens} if with_tokens else {}
+        return writer.submit(writer.write_chunk, record, part_futures, tables, stats)
+
+    def close(self, ok: bool = True) -> None:
+        """Remove the hooks and finish pending writes (errors of a failed run's writes are not raised again)."""
+        self.capture.remove()
+        with contextlib.suppress(Exception) if not ok else contextlib.nullcontext():
+            self.writer.close(wait=True)
 
 
 def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: CollectOptions, layers, neurons, device) -> None:
@@ -327,58 +443,22 @@ def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: 
     if not todo:
         print(f"store already holds all {len(done)} chunks of {opts.source} activations; nothing to do", file=sys.stderr)
         return
-    markers = MarkerIds.from_tokenizer(tokenizer)
-    pad_id = next(x for x in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if x is not None)
-    n_units = {layer: (net.config.transcoder_n_features if opts.source == "transcoder" else len(neurons[layer])) for layer in layers}
-    unit_ids = {layer: (np.arange(n_units[layer]) if neurons is None else np.asarray(neurons[layer])) for layer in layers}
-    capture = _make_capture(net, opts, layers, neurons)
-    writer = ChunkWriter(manifest, opts.source, unit_ids)
+    collector = ChunkCollector(manifest.root, net, tokenizer, opts, layers, neurons, device, commit=manifest.commit_chunk)
     todo_rows = sum(min(n_rows, (c + 1) * opts.chunk_size) - c * opts.chunk_size for c in todo)
     bar = tqdm(total=todo_rows, unit="seq", desc=f"collect {opts.source}", disable=not opts.progress, file=sys.stderr)
-    started, n_tokens, committed_now = time.perf_counter(), 0, 0
+    committed_now = 0
     ok = False
     try:
         for chunk in todo:
             start, stop = chunk * opts.chunk_size, min(n_rows, (chunk + 1) * opts.chunk_size)
-            tok = tokenize_chunk(dataset.rows(start, stop), tokenizer, opts, markers)
             with_tokens = not manifest.has_tokens(chunk)
-            writer._wait(keep=0)  # a stale-file sweep must not race a write of the same chunk
-            writer.clear_stale(chunk, with_tokens)
-            part_futures: list[Future] = []
-            parts = {layer: 0 for layer in layers}
-
-            def flush(layer: int) -> None:
-                rows = capture.acc[layer].take_rows()
-                if rows is None:
-                    return
-                if opts.source == "transcoder":
-                    capture.acc[layer].add_stats_from_rows(rows[0], rows[3])
-                part_futures.append(writer.submit(writer.write_part, chunk, layer, parts[layer], rows))
-                parts[layer] += 1
-
-            lengths = [len(x) for x in tok.ids]
-            for batch in plan_batches(lengths, opts.batch_tokens):
-                run_batch(net, [tok.ids[i] for i in batch], [tok.seq_ids[i] for i in batch], pad_id, device, capture)
-                for layer in layers:
-                    if capture.acc[layer].n_rows >= opts.flush_rows:
-                        flush(layer)
-                n_tokens += sum(lengths[i] for i in batch)
-                bar.update(len(batch))
-                bar.set_postfix(tok_s=f"{n_tokens / max(time.perf_counter() - started, 1e-9):,.0f}", refresh=False)
-            bar.update(tok.n_skipped)
-            for layer in layers:
-                flush(layer)
-            stats = {layer: capture.acc[layer].take_stats() for layer in layers}
-            record = {"source": opts.source, "chunk": chunk, "rows": [start, stop], "n_sequences": len(tok.seq_ids),
-                      "n_skipped": tok.n_skipped, "n_tokens": int(sum(lengths)), "files": {}}
-            tables = {"sequences": tok.sequences, "tokens": tok.tokens} if with_tokens else {}
-            writer.submit(writer.write_chunk, record, part_futures, tables, stats)
+            collector.writer._wait(keep=0)  # a stale-file sweep must not race a write of the same chunk
+            collector.writer.clear_stale(chunk, with_tokens)
+            collector.submit_chunk(chunk, dataset.rows(start, stop), (start, stop), with_tokens, bar=bar)
             committed_now += 1
             if opts.stop_after_chunks is not None and committed_now >= opts.stop_after_chunks:
                 break
         ok = True
     finally:
-        capture.remove()
         bar.close()
-        with contextlib.suppress(Exception) if not ok else contextlib.nullcontext():
-            writer.close(wait=True)
+        collector.close(ok)

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from .errors import UserError
 from .schema import FORMAT_VERSION, MANIFEST
-from .storage import write_bytes_atomic
+from .storage import is_remote, store_path, write_bytes_atomic
 
 # Settings that decide the tokens and sequences tables; a later run must match them exactly.
 DATA_KEYS = ("format", "max_length", "max_samples", "skip_incomplete", "chunk_size", "tokenizer")
@@ -38,7 +38,7 @@ class Manifest:
     # ---- reading
     @classmethod
     def load(cls, root: str | os.PathLike) -> "Manifest":
-        root = Path(root)
+        root = store_path(root)
         file = root / MANIFEST
         if not file.is_file():
             raise UserError(f"{root} is not a feature store (no {MANIFEST})")
@@ -130,7 +130,12 @@ class Manifest:
 
 @contextlib.contextmanager
 def writer_lock(root: Path) -> Iterator[None]:
-    """One writer per store: a second concurrent ``collect`` fails fast instead of interleaving commits."""
+    """One writer per store: a second concurrent ``collect`` fails fast instead of interleaving commits.
+
+    Object stores have no locks: there, running one ``collect`` per store at a time is up to the user."""
+    if is_remote(root):
+        yield
+        return
     root.mkdir(parents=True, exist_ok=True)
     handle = open(root / ".lock", "w")
     try:

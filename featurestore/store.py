@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import duckdb
 
@@ -10,11 +9,12 @@ from . import views
 from .errors import UserError
 from .features import Feature
 from .manifest import Manifest
+from .storage import store_path
 
 
 class Store:
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path).expanduser()
+        self.path = store_path(path)
         self.manifest_obj = Manifest.load(self.path)
         self.con = duckdb.connect()
         views.register(self.con, self.manifest_obj)
@@ -56,6 +56,11 @@ class Store:
         """Per-feature statistics of live features as a polars DataFrame."""
         where = "" if source is None else f"WHERE source = '{source}'"
         return self.con.sql(f"SELECT * FROM features {where} ORDER BY source, layer, feature").pl()
+
+    def descriptions(self, source: str = "transcoder", run_id: str | None = None):
+        """(layer, feature, description) from the latest successful auto-interp, as a polars DataFrame."""
+        from .interp.queries import descriptions
+        return descriptions(self, source, run_id)
 
     def info(self) -> dict:
         m = self.manifest

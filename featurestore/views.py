@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from . import schema
+from . import schema, storage
 from .manifest import Manifest
 
 _DUCK_TYPES = {
@@ -25,6 +25,7 @@ RANDOM_ORDER_SQL = "hash(seq_id, pos, feature, {seed}::BIGINT), seq_id, pos"
 
 # name -> (glob relative to the store root, pyarrow schema); for tables written whole-file by other modules.
 GLOB_VIEWS: dict[str, tuple[str, pa.Schema]] = {}
+GLOB_VIEWS.update({name: (f"{folder}/*.parquet", s) for name, (folder, s) in schema.GRAPH_TABLES.items()})
 
 
 def _duck_type(t: pa.DataType) -> str:
@@ -71,6 +72,8 @@ def activation_scan(manifest: Manifest, source: str, layer: int) -> str:
 
 def register(con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
     root = manifest.root
+    if storage.is_remote(root):
+        storage.register_duckdb(con, root)
     vocab = root / schema.VOCAB_FILE
     vocab_sql = f"SELECT * FROM read_parquet('{vocab}')" if vocab.exists() else empty_select(schema_columns(schema.VOCAB))
     con.execute(f"CREATE OR REPLACE VIEW vocab AS {vocab_sql}")
@@ -97,6 +100,7 @@ def register(con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
         GROUP BY s.source, s.layer, s.feature HAVING sum(s.n_active) > 0""")
     for name, (pattern, s) in GLOB_VIEWS.items():
         register_glob_view(con, root, name, pattern, s)
+    register_interp_views(con, root)
 
 
 def register_glob_view(con: duckdb.DuckDBPyConnection, root: Path, name: str, pattern: str, s: pa.Schema) -> None:
@@ -105,3 +109,39 @@ def register_glob_view(con: duckdb.DuckDBPyConnection, root: Path, name: str, pa
     else:
         select = empty_select(schema_columns(s))
     con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+
+
+# ---- interp (LLM judges): files under interp/<table>/run=<run_id>/, written by featurestore.interp.tables.
+# A resumed run may append a newer row for a key that failed before: the views keep the latest row per key.
+INTERP_VIEWS: dict[str, tuple[str, pa.Schema, tuple[str, ...] | None]] = {  # view -> (table, schema, key or None = raw)
+    "interp_runs": ("runs", schema.INTERP_RUNS, None),  # one row per invocation
+    "interp_requests": ("requests", schema.INTERP_REQUESTS, None),  # every HTTP request, prompt/response zstd
+    "classifications": ("classifications", schema.INTERP_CLASSIFICATIONS, ()),
+    "explanations": ("explanations", schema.INTERP_EXPLANATIONS, ()),
+    "detection_scores": ("detection_scores", schema.INTERP_DETECTION_SCORES, ("condition", "control")),
+    "detection_examples": ("detection_examples", schema.INTERP_DETECTION_EXAMPLES, ("condition", "control", "item")),
+}
+
+
+def register_interp_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
+    for name, (table, s, key) in INTERP_VIEWS.items():
+        columns = ", ".join(f'"{f.name}"' for f in s)
+        pattern = f"interp/{table}/run=*/*.parquet"
+        if not any(root.glob(pattern)):
+            empty = ", ".join(f'CAST(NULL AS {_interp_type(f.type)}) AS "{f.name}"' for f in s)
+            con.execute(f"CREATE OR REPLACE VIEW {name} AS SELECT {empty} WHERE false")
+            continue
+        path = str(root / pattern).replace("'", "''")
+        select = f"SELECT {columns} FROM read_parquet('{path}', hive_partitioning = false)"
+        if key is not None:
+            partition = ", ".join(("run_id", "source", "layer", "feature") + key)
+            select += f" QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY created_at DESC) = 1"
+        con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+
+
+def _interp_type(t: pa.DataType) -> str:
+    if pa.types.is_timestamp(t):
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(t):
+        return "STRUCT(seq_id INTEGER, pos INTEGER, act FLOAT)[]"
+    return _duck_type(t)
