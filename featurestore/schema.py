@@ -79,3 +79,198 @@ def chunk_name(chunk: int, part: int | None = None) -> str:
 
 def empty_table(schema: pa.Schema) -> pa.Table:
     return schema.empty_table()
+
+
+# ---- interp: LLM-judge results, one directory per table and run (interp/<table>/run=<run_id>/part-*.parquet).
+# Files are written atomically as results complete; a row is never rewritten (a resumed run appends).
+INTERP_TABLES = ("runs", "classifications", "explanations", "detection_scores", "detection_examples", "requests")
+
+
+def _interp_common() -> list[pa.Field]:
+    return [
+        pa.field("run_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("layer", pa.int32(), nullable=False),
+        pa.field("feature", pa.int32(), nullable=False),
+    ]
+
+
+def _interp_outcome() -> list[pa.Field]:
+    return [
+        pa.field("status", pa.string(), nullable=False),  # ok | error | skipped
+        pa.field("error", pa.string()),
+        pa.field("judge_model", pa.string(), nullable=False),
+        pa.field("base_url_host", pa.string(), nullable=False),
+        pa.field("prompt_version", pa.string(), nullable=False),
+        pa.field("n_requests", pa.int32(), nullable=False),  # HTTP requests made, retries included
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ]
+
+
+INTERP_EXAMPLE = pa.struct([("seq_id", pa.int32()), ("pos", pa.int32()), ("act", pa.float32())])
+
+INTERP_RUNS = pa.schema([
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # classify | autointerp
+    pa.field("settings_hash", pa.string(), nullable=False),  # what makes a run resumable
+    pa.field("judge_model", pa.string(), nullable=False),
+    pa.field("base_url_host", pa.string(), nullable=False),
+    pa.field("prompt_version", pa.string(), nullable=False),
+    pa.field("settings", pa.string(), nullable=False),  # JSON of every option of the invocation
+    pa.field("started_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+INTERP_CLASSIFICATIONS = pa.schema(_interp_common() + [
+    pa.field("category", pa.string()),  # language | domain | reasoning | uninterpretable
+    pa.field("confidence", pa.string()),  # high | medium | low
+    pa.field("domain_type", pa.string()),  # math | science | code (category domain only)
+    pa.field("mechanism", pa.string()),  # output | input_simple | input_abstract (category reasoning only)
+    pa.field("category_description", pa.string()),
+    pa.field("mechanism_description", pa.string()),
+    pa.field("input_pattern", pa.string()),
+    pa.field("output_pattern", pa.string()),
+    pa.field("reasoning", pa.string()),
+    pa.field("n_examples", pa.int32()),  # examples shown to the judge
+    pa.field("activation_freq", pa.float64()),
+] + _interp_outcome())
+
+INTERP_EXPLANATIONS = pa.schema(_interp_common() + [
+    pa.field("description", pa.string()),
+    pa.field("reasoning", pa.string()),
+    pa.field("explain_examples", pa.list_(INTERP_EXAMPLE)),  # exactly what the explainer saw
+    pa.field("n_examples", pa.int32()),
+    pa.field("activation_freq", pa.float64()),
+] + _interp_outcome())
+
+INTERP_DETECTION_SCORES = pa.schema(_interp_common() + [
+    pa.field("condition", pa.string(), nullable=False),  # top | lower (held-out positives from those pools)
+    pa.field("control", pa.bool_(), nullable=False),  # scored with another feature's description
+    pa.field("description_layer", pa.int32()),  # whose description was scored
+    pa.field("description_feature", pa.int32()),
+    pa.field("n_positives", pa.int32()),
+    pa.field("n_negatives", pa.int32()),
+    pa.field("tp", pa.int32()),
+    pa.field("fp", pa.int32()),
+    pa.field("tn", pa.int32()),
+    pa.field("fn", pa.int32()),
+    pa.field("accuracy", pa.float64()),
+    pa.field("balanced_accuracy", pa.float64()),
+    pa.field("precision", pa.float64()),
+    pa.field("recall", pa.float64()),
+    pa.field("f1", pa.float64()),
+] + _interp_outcome())
+
+INTERP_DETECTION_EXAMPLES = pa.schema(_interp_common() + [
+    pa.field("condition", pa.string(), nullable=False),
+    pa.field("control", pa.bool_(), nullable=False),
+    pa.field("item", pa.int16(), nullable=False),  # the excerpt number shown to the judge
+    pa.field("seq_id", pa.int32(), nullable=False),
+    pa.field("pos", pa.int32(), nullable=False),  # positive: the activating token; negative: the window's anchor
+    pa.field("window_start", pa.int32(), nullable=False),  # first and last position shown (inclusive)
+    pa.field("window_end", pa.int32(), nullable=False),
+    pa.field("label", pa.bool_(), nullable=False),  # true = a positive (the feature fires at pos)
+    pa.field("act", pa.float32(), nullable=False),  # activation at pos (0 for negatives)
+    pa.field("match", pa.string()),  # negatives: domain+region | domain | any (how closely they match)
+    pa.field("prediction", pa.bool_()),  # null when the request failed
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+INTERP_REQUESTS = pa.schema([  # every HTTP request of every judge call, for audit and re-scoring
+    pa.field("run_id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),
+    pa.field("layer", pa.int32(), nullable=False),
+    pa.field("feature", pa.int32(), nullable=False),
+    pa.field("purpose", pa.string(), nullable=False),  # classify | explain | detect:top | detect:lower | control:top | ...
+    pa.field("attempt", pa.int16(), nullable=False),  # 1.. within (feature, purpose)
+    pa.field("request_zstd", pa.binary(), nullable=False),  # zstd(JSON body sent; no headers, no key)
+    pa.field("response_zstd", pa.binary()),  # zstd(raw response body), null when none arrived
+    pa.field("http_status", pa.int16()),
+    pa.field("outcome", pa.string(), nullable=False),  # ok | invalid | retry | failed
+    pa.field("error", pa.string()),
+    pa.field("prompt_tokens", pa.int64()),
+    pa.field("completion_tokens", pa.int64()),
+    pa.field("latency_s", pa.float32()),
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+INTERP_SCHEMAS = {
+    "runs": INTERP_RUNS,
+    "classifications": INTERP_CLASSIFICATIONS,
+    "explanations": INTERP_EXPLANATIONS,
+    "detection_scores": INTERP_DETECTION_SCORES,
+    "detection_examples": INTERP_DETECTION_EXAMPLES,
+    "requests": INTERP_REQUESTS,
+}
+
+
+def interp_dir(table: str, run_id: str) -> str:
+    return f"interp/{table}/run={run_id}"
+
+
+# ---- graphs: RelP attribution graphs (attribution.store_output), one file per graph and table:
+# graphs/<table>/<slug>.parquet, plus the raw compact adjacency as graphs/adjacency/<slug>.npz.zst.
+# Nodes and links are the pruned graph the viewer shows; the adjacency keeps every computed edge.
+GRAPH_META = pa.schema([
+    pa.field("slug", pa.string(), nullable=False),
+    pa.field("run_name", pa.string(), nullable=False),
+    pa.field("prompt_file", pa.string()),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("prompt_tokens", pa.list_(pa.string()), nullable=False),  # decoded one token at a time
+    pa.field("input_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("model_name", pa.string()),
+    pa.field("injection", pa.string(), nullable=False),  # encoder-input | layer-input
+    pa.field("scan", pa.string(), nullable=False),
+    pa.field("node_threshold", pa.float64(), nullable=False),
+    pa.field("edge_threshold", pa.float64(), nullable=False),
+    pa.field("n_active", pa.int64(), nullable=False),  # active features of the prompt (BOS included)
+    pa.field("n_feature_rows", pa.int32(), nullable=False),  # features whose incoming edges were computed
+    pa.field("n_nodes", pa.int32(), nullable=False),  # after pruning
+    pa.field("n_links", pa.int32(), nullable=False),
+    pa.field("logit_token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("logit_tokens", pa.list_(pa.string()), nullable=False),
+    pa.field("logit_probabilities", pa.list_(pa.float32()), nullable=False),
+    pa.field("top_token_id", pa.int32(), nullable=False),
+    pa.field("target_token_id", pa.int32()),  # the prompt file's last token; null for API prompts without one
+    pa.field("target_probability", pa.float32()),
+    pa.field("target_rank", pa.int32()),
+    pa.field("bos_excluded", pa.bool_(), nullable=False),
+    pa.field("adjacency_file", pa.string(), nullable=False),  # relative to the store root
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
+GRAPH_NODES = pa.schema([
+    pa.field("slug", pa.string(), nullable=False),
+    pa.field("node_id", pa.string(), nullable=False),  # the viewer's id: {l}_{f}_{p}, E_{tok}_{p}, {L+1}_{tok}_{p}
+    pa.field("kind", pa.string(), nullable=False),  # feature | embedding | logit
+    pa.field("layer", pa.int32()),  # features only
+    pa.field("feature", pa.int32()),  # features only (index within the layer)
+    pa.field("pos", pa.int32(), nullable=False),
+    pa.field("token_id", pa.int32()),  # embedding: the input token; logit: the predicted token
+    pa.field("activation", pa.float32()),
+    pa.field("influence", pa.float32()),  # cumulative influence share at the node's rank (smaller = more important)
+    pa.field("token_prob", pa.float32()),  # logits only
+    pa.field("is_target_logit", pa.bool_(), nullable=False),
+    pa.field("clerp", pa.string()),
+])
+
+GRAPH_LINKS = pa.schema([
+    pa.field("slug", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),  # node_id
+    pa.field("target", pa.string(), nullable=False),
+    pa.field("weight", pa.float32(), nullable=False),  # raw signed direct effect
+    pa.field("source_kind", pa.string(), nullable=False),
+    pa.field("source_layer", pa.int32()),
+    pa.field("source_feature", pa.int32()),
+    pa.field("source_pos", pa.int32(), nullable=False),
+    pa.field("target_kind", pa.string(), nullable=False),
+    pa.field("target_layer", pa.int32()),
+    pa.field("target_feature", pa.int32()),
+    pa.field("target_token_id", pa.int32()),  # logit targets only
+    pa.field("target_pos", pa.int32(), nullable=False),
+])
+
+GRAPH_TABLES = {"graphs": ("graphs/meta", GRAPH_META), "graph_nodes": ("graphs/nodes", GRAPH_NODES),
+                "graph_links": ("graphs/links", GRAPH_LINKS)}
+GRAPH_ADJACENCY_DIR = "graphs/adjacency"
