@@ -45,6 +45,23 @@ def run_demo(out: str | Path) -> None:
     for title, query in DEMO_QUERIES:
         _echo(f"\n-- {title}")
         write_relation(store.sql(query), "table", None)
+    graphs = _attribute(checkpoint, store_dir, out)
     _echo(f"\ndemo finished in {time.perf_counter() - started:.1f} s. Try:")
     _echo(f'  featurestore sql {store_dir} "select * from features order by activation_count desc limit 10"')
     _echo(f"  featurestore info {store_dir}")
+    _echo("Open the attribution graphs with their features in the viewer (offline):")
+    _echo(f"  featurestore serve --graphs {graphs} --store {store_dir} --open")
+
+
+def _attribute(checkpoint: Path, store_dir: Path, out: Path) -> Path:
+    """RelP graphs for the bundled prompts, with their features exported next to them for the viewer."""
+    from attribution.runner import attribute_prompts
+
+    graphs = out / "graphs"
+    prompts = Path(__file__).with_name("prompts")
+    _echo(f"\n-- Attribution graphs for {prompts.name}/*.txt (RelP, pruned as circuit-tracer does)")
+    outcomes = attribute_prompts(str(checkpoint), prompts, graphs, "demo", store=store_dir, log=_echo, progress=False)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        raise RuntimeError(f"demo attribution failed for {len(failed)} prompt(s)")
+    return graphs
