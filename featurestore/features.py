@@ -70,6 +70,13 @@ class Feature:
         acts = self._acts_in(sorted({s for s, _ in pairs}))
         return self._windows([(s, p, acts.get((s, p), 0.0)) for s, p in pairs], before, after, acts)
 
+    def to_json(self, **options) -> dict | None:
+        """The dashboard document ``export json`` writes for this feature (None if it never fired); ``options``
+        are ``exporters.feature_documents.DocumentOptions`` fields (top_k, n_random, seed, before, after, ...)."""
+        from exporters.feature_json import DocumentOptions, feature_document
+
+        return feature_document(self.store, self.layer, self.feature, self.source, DocumentOptions(**options))
+
     def logit_lens(self) -> dict[str, list[tuple[str, float]]]:
         rows = self.store.con.execute(
             "SELECT side, token, value FROM logit_lens WHERE source = ? AND layer = ? AND feature = ? ORDER BY side, rank",

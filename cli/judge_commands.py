@@ -1,0 +1,140 @@
+"""``featurestore classify`` and ``featurestore autointerp`` (LLM judges), and ``export classifications|autointerp``."""
+from __future__ import annotations
+
+import click
+
+
+def _judge_options(default_model: str):
+    """Options shared by both judges: endpoint, concurrency, sampling, evidence, run control."""
+    def decorate(function):
+        options = [
+            click.argument("store", type=click.Path(exists=True, file_okay=False)),
+            click.option("--model", default=default_model, show_default=True, help="Judge model name at the endpoint."),
+            click.option("--base-url", default=None,
+                         help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM), http://localhost:11434/v1 "
+                              "(Ollama), https://openrouter.ai/api/v1 [env OPENAI_BASE_URL, else api.openai.com]. "
+                              "The key comes from OPENAI_API_KEY or ./.env."),
+            click.option("--concurrency", type=click.IntRange(1), default=32, show_default=True, help="Requests in flight."),
+            click.option("--timeout", type=click.FloatRange(0.1), default=120.0, show_default=True, help="Seconds per request."),
+            click.option("--max-tokens", type=click.IntRange(16), default=4096, show_default=True,
+                         help="Output token limit per request (sent as max_completion_tokens to reasoning models)."),
+            click.option("--temperature", type=float, default=None, help="Sampling temperature (default: the endpoint's)."),
+            click.option("--attempts", type=click.IntRange(1), default=3, show_default=True,
+                         help="Tries per question when the answer is invalid; then the feature is recorded as an error."),
+            click.option("--n-per-layer", type=click.IntRange(1), default=None,
+                         help="Features sampled per layer (seeded; a larger value extends an earlier sample)."),
+            click.option("--min-freq", type=click.FloatRange(0), default=1e-7, show_default=True,
+                         help="Only sample features with activation_freq at least this."),
+            click.option("--min-examples", type=click.IntRange(1), default=None,
+                         help="Only sample features with at least this many activations."),
+            click.option("--layers", default=None, help="Layers to sample from, e.g. 0,3,5-7 (default: all)."),
+            click.option("--features", default=None, help="Exactly these features instead of a sample: L:F,L:F,..."),
+            click.option("--source", type=click.Choice(["transcoder", "neuron"]), default="transcoder", show_default=True),
+            click.option("--seed", type=int, default=42, show_default=True, help="Seed of the sample and of example choice."),
+            click.option("--before", type=click.IntRange(0), default=50, show_default=True, help="Window tokens before."),
+            click.option("--after", type=click.IntRange(0), default=20, show_default=True, help="Window tokens after."),
+            click.option("--n-top", type=click.IntRange(1), default=10, show_default=True, help="Top examples shown."),
+            click.option("--n-lower", type=click.IntRange(0), default=5, show_default=True,
+                         help="Examples from lower activation quantiles shown."),
+            click.option("--rerun", is_flag=True, help="Start a new run instead of resuming the last one with these settings."),
+            click.option("--run-id", default=None, help="Resume (or create) exactly this run."),
+            click.option("--dry-run", is_flag=True, help="Print the prompts of two features and the number of requests; call nothing."),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+    return decorate
+
+
+def _settings(kwargs: dict):
+    from featurestore.interp import EvidenceSettings, JudgeSettings
+
+    judge = JudgeSettings(model=kwargs.pop("model"), base_url=kwargs.pop("base_url"),
+                          concurrency=kwargs.pop("concurrency"), timeout_s=kwargs.pop("timeout"),
+                          max_output_tokens=kwargs.pop("max_tokens"), temperature=kwargs.pop("temperature"),
+                          answer_attempts=kwargs.pop("attempts"))
+    evidence = EvidenceSettings(before=kwargs.pop("before"), after=kwargs.pop("after"), n_top=kwargs.pop("n_top"),
+                                n_lower=kwargs.pop("n_lower"))
+    return judge, evidence
+
+
+def _report(result) -> None:
+    if hasattr(result, "prompts"):  # dry run
+        click.echo(result.text())
+        return
+    state = "resumed" if result.resumed else "new"
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(result.counts.items())) or "nothing to do"
+    click.echo(f"run {result.run_id} ({state}): {result.n_selected} features selected, {result.n_already_done} "
+               f"already done; this invocation: {counts}")
+    click.echo(f"requests {result.n_requests}, prompt tokens {result.prompt_tokens}, "
+               f"completion tokens {result.completion_tokens}")
+    if result.report:
+        click.echo(result.report)
+
+
+def register(group: click.Group) -> None:
+    @group.command("classify")
+    @_judge_options("gpt-5-mini")
+    def classify_command(store, n_per_layer, min_examples, **kwargs):
+        """Classify a sample of features (language / domain / reasoning / uninterpretable) with an LLM judge.
+
+        One row per feature lands in STORE/interp/classifications as it completes (view: classifications).
+        Rerunning the same command resumes; errors are rows with status=error and are retried on resume.
+        """
+        import featurestore as fs
+        from featurestore.interp import classify
+
+        judge, evidence = _settings(kwargs)
+        result = classify(fs.open(store), judge, n_per_layer=n_per_layer or 250, min_examples=min_examples or 5,
+                          evidence=evidence, **kwargs)
+        _report(result)
+
+    @group.command("autointerp")
+    @_judge_options("gpt-4o-mini")
+    @click.option("--n-test", type=click.IntRange(1), default=5, show_default=True,
+                  help="Held-out positives per condition (top, lower); as many matched negatives.")
+    @click.option("--control/--no-control", default=True, show_default=True,
+                  help="Also score each feature with another feature's description (chance baseline).")
+    def autointerp_command(store, n_per_layer, min_examples, n_test, control, **kwargs):
+        """Describe features in 10-15 words and score each description by detection on held-out excerpts.
+
+        Results land in STORE/interp/{explanations,detection_scores,detection_examples} (views of the same names);
+        the summary gives mean accuracy, balanced accuracy, precision, recall and F1 with 95% bootstrap CIs.
+        """
+        import featurestore as fs
+        from featurestore.interp import autointerp
+
+        judge, evidence = _settings(kwargs)
+        evidence.n_test_top = evidence.n_test_lower = n_test
+        result = autointerp(fs.open(store), judge, n_per_layer=n_per_layer or 100, min_examples=min_examples,
+                            evidence=evidence, control=control, **kwargs)
+        _report(result)
+
+
+def register_export(export_group: click.Group) -> None:
+    """Adds ``export classifications`` and ``export autointerp`` to the ``export`` group."""
+
+    @export_group.command("classifications")
+    @click.argument("store", type=click.Path(exists=True, file_okay=False))
+    @click.option("--out", default="feature_classifications.json", show_default=True, type=click.Path(dir_okay=False))
+    @click.option("--run", "run_id", default=None, help="Run id (default: the latest classify run).")
+    def export_classifications_command(store, out, run_id):
+        """feature_classifications.json in the original schema (successful rows of one run)."""
+        import featurestore as fs
+        from exporters.interp_json import export_classifications
+
+        path = export_classifications(fs.open(store), out, run_id)
+        click.echo(str(path))
+
+    @export_group.command("autointerp")
+    @click.argument("store", type=click.Path(exists=True, file_okay=False))
+    @click.option("--out", default="autointerp.json", show_default=True, type=click.Path(dir_okay=False))
+    @click.option("--run", "run_id", default=None, help="Run id (default: the latest autointerp run).")
+    def export_autointerp_command(store, out, run_id):
+        """autointerp.json in the original schema, plus balanced accuracy, F1, control scores and CIs."""
+        import featurestore as fs
+        from exporters.interp_json import export_autointerp
+
+        path = export_autointerp(fs.open(store), out, run_id)
+        click.echo(str(path))
+

@@ -1,0 +1,194 @@
+"""Per-feature dashboard documents (the circuit-tracer feature JSON) straight from the store: one feature, all of
+them as ``{cantor_id}.json`` files, or streamed into the pack.
+
+The parent process plans blocks and runs their scans (DuckDB, multi-threaded); worker processes render and compress
+documents. Workers share the token index through a memory-mapped file and decode each vocabulary entry once.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from featurestore.errors import UserError
+from featurestore.ids import cantor
+
+from .feature_documents import DocumentOptions, Vocabulary, render_block
+from .feature_queries import fetch_block, plan_blocks
+from .pack import DEFAULT_LEVEL, PackSummary, pack_entry, parallel_map, resolve_workers, write_pack
+from .staging import staged_directory
+from .token_index import TokenIndex
+
+__all__ = ["DocumentOptions", "feature_document", "feature_document_bytes", "iter_documents", "export_json",
+           "export_pack", "JsonSummary"]
+
+POOL_THRESHOLD = 2000  # below this many live features, starting worker processes costs more than it saves
+
+
+def vocabulary(store) -> Vocabulary:
+    cached = getattr(store, "_export_vocabulary", None)
+    if cached is None:
+        cached = store._export_vocabulary = Vocabulary(store.token_texts())
+    return cached
+
+
+def token_index(store) -> TokenIndex:
+    """The whole token index, cached on the store object for as long as its token files do not change."""
+    files = tuple(store.manifest_obj.files("tokens"))
+    cached = getattr(store, "_export_tokens", None)
+    if cached is None or cached[0] != files:
+        cached = store._export_tokens = (files, TokenIndex.load(store))
+    return cached[1]
+
+
+# ---- one feature ----
+
+def feature_document_bytes(store, layer: int, feature: int, source: str = "transcoder",
+                           options: DocumentOptions | None = None) -> bytes | None:
+    """The exact bytes ``export json`` writes for one feature, or None if the feature never fired."""
+    options = options or DocumentOptions()
+    block = fetch_block(store, source, int(layer), np.array([int(feature)]), options.seed)
+    if block is None:
+        return None
+    cached = getattr(store, "_export_tokens", None)
+    tokens = cached[1] if cached and cached[0] == tuple(store.manifest_obj.files("tokens")) else \
+        (lambda seqs: TokenIndex.load(store, seqs))
+    return next(render_block(block, options, tokens, vocabulary(store)))[1]
+
+
+def feature_document(store, layer: int, feature: int, source: str = "transcoder",
+                     options: DocumentOptions | None = None) -> dict | None:
+    """The document ``export json`` writes for one feature (as a dict), or None if it never fired."""
+    data = feature_document_bytes(store, layer, feature, source, options)
+    return None if data is None else json.loads(data)
+
+
+# ---- all live features ----
+
+def check_source(store, source: str, layers: list[int] | None) -> list[int]:
+    """The layers to export; one-line errors for a store without these activations."""
+    collected = store.manifest.get("sources", {}).get(source)
+    if not collected or not any(c["source"] == source for c in store.manifest["chunks"]):
+        raise UserError(f"{store.path} has no {source} activations; run `featurestore collect` first")
+    available = list(collected.get("layers") or range(store.manifest["model"]["n_layers"]))
+    if layers is None:
+        return available
+    missing = [layer for layer in layers if layer not in available]
+    if missing:
+        raise UserError(f"layers {missing} were not collected for {source} (collected: {available})")
+    return sorted(layers)
+
+
+def _plan(store, source: str, layers: list[int] | None) -> list[tuple[int, np.ndarray]]:
+    return [(layer, block) for layer in check_source(store, source, layers) for block in plan_blocks(store, source, layer)]
+
+
+def iter_documents(store, source: str = "transcoder", options: DocumentOptions | None = None,
+                   layers: list[int] | None = None) -> Iterator[tuple[int, int, dict]]:
+    """(layer, feature, document) for every live feature in pack order, in this process."""
+    options = options or DocumentOptions()
+    tokens, vocab = token_index(store), vocabulary(store)
+    for layer, features in _plan(store, source, layers):
+        block = fetch_block(store, source, layer, features, options.seed)
+        if block is not None:
+            for feature, data in render_block(block, options, tokens, vocab):
+                yield layer, feature, json.loads(data)
+
+
+_WORKER: dict = {}
+
+
+def _init_worker(texts: list[str] | None, vocab: Vocabulary | None, tokens_dir: str | None, tokens: TokenIndex | None) -> None:
+    _WORKER["vocab"] = vocab if vocab is not None else Vocabulary(texts)
+    _WORKER["tokens"] = tokens if tokens is not None else TokenIndex.open(tokens_dir)
+
+
+def _render(block, options: DocumentOptions, mode: str, level: int, out_dir: str | None) -> list:
+    """Worker: one block -> files written (mode json) or (layer, feature, pack entry) (mode pack)."""
+    results = []
+    for feature, data in render_block(block, options, _WORKER["tokens"], _WORKER["vocab"]):
+        if mode == "json":
+            with open(os.path.join(out_dir, f"{cantor(block.layer, feature)}.json"), "wb") as handle:
+                handle.write(data)
+            results.append(feature)
+        else:
+            results.append((block.layer, feature, pack_entry(data, level)))
+    return results
+
+
+def _rendered(store, source, options, layers, mode, level, out_dir, workers, progress) -> Iterator[list]:
+    from tqdm import tqdm
+
+    plan = _plan(store, source, layers)
+    total = sum(len(features) for _, features in plan)
+    pool_size = workers or (1 if total < POOL_THRESHOLD else resolve_workers(None))
+    tokens = token_index(store)
+    shared = tempfile.mkdtemp(prefix="featurestore-tokens-") if pool_size > 1 else None
+    try:
+        if shared:
+            tokens.save(Path(shared))
+            initargs = (store.token_texts(), None, shared, None)
+        else:
+            initargs = (None, vocabulary(store), None, tokens)
+        blocks = (fetch_block(store, source, layer, features, options.seed) for layer, features in plan)
+        with tqdm(total=total, unit="feat", desc=f"export {mode}", disable=not progress, file=sys.stderr) as bar:
+            for results in parallel_map(_render, (b for b in blocks if b is not None), pool_size, options, mode, level,
+                                        out_dir, initializer=_init_worker, initargs=initargs):
+                bar.update(len(results))
+                yield results
+    finally:
+        _WORKER.clear()
+        if shared:
+            shutil.rmtree(shared, ignore_errors=True)
+
+
+@dataclass
+class JsonSummary:
+    path: Path
+    n_features: int
+
+
+def _is_feature_json_dir(directory: Path) -> bool:
+    return all(p.suffix == ".json" and p.stem.isdigit() for p in directory.iterdir())
+
+
+def export_json(store, out_dir: str | os.PathLike, *, source: str = "transcoder", options: DocumentOptions | None = None,
+                layers: list[int] | None = None, workers: int | None = None, progress: bool = True) -> JsonSummary:
+    """Write ``out_dir/features/{cantor_id}.json`` for every live feature (the folder appears whole or not at all)."""
+    options = options or DocumentOptions()
+    check_source(store, source, layers)
+    final = Path(out_dir) / "features"
+    count = 0
+    with staged_directory(final, replaceable=_is_feature_json_dir) as staging:
+        for results in _rendered(store, source, options, layers, "json", DEFAULT_LEVEL, str(staging), workers, progress):
+            count += len(results)
+    return JsonSummary(final, count)
+
+
+def pack_shape(store, source: str) -> tuple[list[int], int]:
+    """Every model layer (uncollected ones stay empty, so the index covers all) and the units per layer."""
+    model = store.manifest["model"]
+    n_units = model.get("n_features") if source == "transcoder" else model.get("d_mlp")
+    return list(range(int(model["n_layers"]))), int(n_units)
+
+
+def export_pack(store, out_dir: str | os.PathLike, *, source: str = "transcoder", options: DocumentOptions | None = None,
+                layers: list[int] | None = None, dead_stub: bool = False, level: int = DEFAULT_LEVEL,
+                workers: int | None = None, progress: bool = True) -> PackSummary:
+    """Stream every live feature's document into the circuit-tracer pack; identical bytes on every run."""
+    options = options or DocumentOptions()
+    check_source(store, source, layers)
+    all_layers, n_units = pack_shape(store, source)
+
+    def entries():
+        for results in _rendered(store, source, options, layers, "pack", level, None, workers, progress):
+            yield from results
+
+    return write_pack(out_dir, all_layers, n_units, entries(), dead_stub=dead_stub, level=level)

@@ -1,0 +1,117 @@
+"""The store reads behind feature documents: few, set-based statements per block of features.
+
+A block is a run of live features of one (source, layer) holding about ``BLOCK_ROWS`` activations (sized from the
+per-chunk statistics, so memory stays bounded whatever the store size). One ordered scan fetches all of the block's
+activations with their seeded sample key; one more reads its logit lens. Selection and windows then run
+vectorised in numpy (``feature_documents``), which measured far faster than per-block arg_min/quantile/range-join
+SQL on the same data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featurestore import schema, views
+
+BLOCK_ROWS = 1_000_000  # activations per block: bounds memory, amortises each scan of the layer's files
+MAX_BLOCK_FEATURES = 4096  # keeps the packed (feature rank, seq_id, pos) sort key within 63 bits
+
+
+def random_key_sql(seed: int) -> str:
+    """The seeded sample order of ``Feature.random_examples`` (ties broken by seq_id, pos, as there)."""
+    return f"hash(seq_id, pos, feature, {int(seed)}::BIGINT)"
+
+
+@dataclass
+class BlockRows:
+    """All activations of a block's features, ordered by (feature, seq_id, pos), plus their logit lens."""
+    source: str
+    layer: int
+    features: np.ndarray  # (F,) live features present, ascending
+    starts: np.ndarray  # (F+1,) row offsets of each feature's activations
+    seq: np.ndarray  # (N,) int64
+    pos: np.ndarray  # (N,) int64
+    act: np.ndarray  # (N,) float32
+    key: np.ndarray  # (N,) uint64 seeded sample key
+    row_key: np.ndarray  # (N,) int64 (feature rank << 51 | seq_id << 20 | pos), ascending: for window lookups
+    logits: dict  # (feature, side) -> token ids by rank
+    total_tokens: int
+
+
+def files_of(store, table: str, source: str, layer: int | None) -> list[str]:
+    prefix = schema.partition_dir(table, source, layer) + "/" if layer is not None else ""
+    return [str(store.path / f) for f in store.manifest_obj.files(table, source) if f.startswith(prefix)]
+
+
+def tokens_scan(store) -> str:
+    files = [str(store.path / f) for f in store.manifest_obj.files("tokens")]
+    if not files:
+        return f"({views.empty_select({'seq_id': 'INTEGER', 'pos': 'INTEGER', 'token_id': 'INTEGER'})})"
+    return views.parquet_scan(files, False)
+
+
+def source_total_tokens(store, source: str) -> int:
+    return int(sum(c["n_tokens"] for c in store.manifest["chunks"] if c["source"] == source))
+
+
+def plan_blocks(store, source: str, layer: int, block_rows: int = BLOCK_ROWS) -> list[np.ndarray]:
+    """Live features of (source, layer), cut into blocks of about ``block_rows`` activations each."""
+    counts = store.con.execute("""SELECT feature, sum(n_active) AS n FROM feature_stats
+                                  WHERE source = ? AND layer = ? GROUP BY feature HAVING sum(n_active) > 0
+                                  ORDER BY feature""", [source, layer]).fetchnumpy()
+    features, sizes = counts["feature"].astype(np.int64), counts["n"].astype(np.int64)
+    blocks, start, total = [], 0, 0
+    for i, size in enumerate(sizes):
+        if i > start and (total + size > block_rows or i - start >= MAX_BLOCK_FEATURES):
+            blocks.append(features[start:i])
+            start, total = i, 0
+        total += size
+    if start < len(features):
+        blocks.append(features[start:])
+    return blocks
+
+
+def fetch_block(store, source: str, layer: int, features: np.ndarray, seed: int) -> BlockRows | None:
+    """One ordered scan for the block (on a private cursor, so the user's connection is untouched)."""
+    features = np.asarray(features, dtype=np.int64)
+    if len(features) == 0:
+        return None
+    scan = views.activation_scan(store.manifest_obj, source, layer)
+    wanted = "" if len(features) == int(features[-1] - features[0]) + 1 else \
+        f" AND feature IN ({', '.join(str(int(f)) for f in features)})"
+    con = store.con.cursor()
+    try:
+        rows = con.execute(f"""SELECT feature, seq_id, pos, act, {random_key_sql(seed)} AS key FROM {scan}
+                               WHERE feature BETWEEN {int(features[0])} AND {int(features[-1])}{wanted}""").fetchnumpy()
+        logits = _logits(con, store, source, layer, features)
+    finally:
+        con.close()
+    feature_col = np.asarray(rows["feature"], dtype=np.int64)
+    if len(feature_col) == 0:
+        return None
+    seq, pos = np.asarray(rows["seq_id"], dtype=np.int64), np.asarray(rows["pos"], dtype=np.int64)
+    if int(pos.max()) >= 1 << 20 or int(seq.max()) >= 1 << 31:
+        raise ValueError("positions beyond 2**20 or seq_ids beyond 2**31 do not fit the block sort key")
+    present = np.unique(feature_col)
+    rank = np.searchsorted(present, feature_col)
+    row_key = (rank << 51) | (seq << 20) | pos
+    order = np.argsort(row_key, kind="stable")  # files arrive as sorted runs, which a stable sort merges fast
+    row_key = row_key[order]
+    starts = np.searchsorted(row_key, np.arange(len(present) + 1, dtype=np.int64) << 51)
+    return BlockRows(source=source, layer=layer, features=present, starts=starts, seq=seq[order], pos=pos[order],
+                     act=np.asarray(rows["act"], dtype=np.float32)[order], key=np.asarray(rows["key"], dtype=np.uint64)[order],
+                     row_key=row_key, logits=logits, total_tokens=source_total_tokens(store, source))
+
+
+def _logits(con, store, source: str, layer: int, features: np.ndarray) -> dict:
+    files = files_of(store, "logit_lens", source, layer)
+    if not files:
+        return {}
+    rows = con.execute(f"""SELECT feature, side, token_id FROM read_parquet({views.sql_list(files)})
+                           WHERE feature BETWEEN {int(features[0])} AND {int(features[-1])}
+                           ORDER BY feature, side, rank""").fetchall()
+    logits: dict = {}
+    for feature, side, token_id in rows:
+        logits.setdefault((feature, side), []).append(token_id)
+    return logits

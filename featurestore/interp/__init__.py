@@ -1,0 +1,18 @@
+"""LLM judges over the store: feature classification and auto-interp with detection scoring.
+
+    from featurestore.interp import JudgeSettings, classify, autointerp, descriptions
+    classify(store, JudgeSettings(model="gpt-5-mini"), n_per_layer=250)
+    autointerp(store, JudgeSettings(model="gpt-4o-mini", base_url="http://localhost:8000/v1"), n_per_layer=100)
+
+Any OpenAI-compatible endpoint; the key comes from OPENAI_API_KEY or ./.env. Results land in
+``STORE/interp/<table>/run=<run_id>/`` as they complete and are read through the views
+``classifications``, ``explanations``, ``detection_scores``, ``detection_examples``, ``interp_requests``
+and ``interp_runs``.
+"""
+from .autointerp import autointerp
+from .classify import classify
+from .client import JudgeSettings
+from .evidence import EvidenceSettings
+from .queries import descriptions, requests
+
+__all__ = ["autointerp", "classify", "descriptions", "requests", "JudgeSettings", "EvidenceSettings"]
