@@ -10,8 +10,6 @@ subprocess at N and 4N sequences, to show memory does not grow with the dataset.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import shutil
 import statistics
 import subprocess
@@ -23,7 +21,7 @@ from pathlib import Path
 import torch
 
 import featurestore as fs
-from featurestore.collect import CollectOptions, plan_batches, run_batch, tokenize_chunk
+from featurestore.collection import CollectOptions, plan_batches, run_batch, tokenize_chunk
 from featurestore.data import open_dataset
 from featurestore.demo import TRACES_PATH, build_demo_checkpoint
 from featurestore.modeling import load_model, load_tokenizer

@@ -35,7 +35,7 @@ def _document_options(function):
 
 def _options_from(kwargs: dict):
     from exporters.feature_json import DocumentOptions
-    from featurestore.collect import parse_layers
+    from featurestore.collect_options import parse_layers
 
     return DocumentOptions(top_k=kwargs.pop("top_k"), n_random=kwargs.pop("n_random"), seed=kwargs.pop("seed"),
                            before=kwargs.pop("before"), after=kwargs.pop("after"), n_intervals=kwargs.pop("intervals"),
@@ -52,7 +52,8 @@ def _open(store_path: str):
 def register(group: click.Group) -> None:
     @group.group("export")
     def export():
-        """Write per-feature JSON, feature_metadata.json or the circuit-tracer pack; verify a pack."""
+        """Write per-feature JSON, feature_metadata.json or the circuit-tracer pack; verify a pack;
+        write the judges' results in the original file schemas."""
 
     @export.command("json")
     @click.argument("store")
@@ -131,7 +132,7 @@ def register(group: click.Group) -> None:
     @click.option("--workers", type=click.IntRange(1), default=None)
     def export_verify_command(directory, n_layers, workers):
         """Check a pack (or a JSON or graph directory): offsets, entries, JSON, layer coverage."""
-        from exporters.verify import verify
+        from exporters.integrity import verify
 
         report = verify(directory, workers=workers, n_layers=n_layers)
         for problem in report.problems[:_MAX_LISTED]:
@@ -152,7 +153,7 @@ def register(group: click.Group) -> None:
     @click.option("--dry-run", is_flag=True, help="List what would go where; no token, no network.")
     def upload_command(directory, repo, path_in_repo, revision, private, dry_run):
         """Upload a verified pack (or JSON or graph directory) to the Hugging Face Hub."""
-        from exporters.upload import upload
+        from exporters.hub_upload import upload
 
         plan = upload(directory, repo, path_in_repo=path_in_repo, revision=revision, private=private, dry_run=dry_run)
         if dry_run:

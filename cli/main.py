@@ -29,6 +29,9 @@ def _register() -> None:
                 continue
             raise
         module.register(cli)
+    from cli.judge_commands import register_export
+
+    register_export(cli.commands["export"])
 
 
 _register()

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 import featurestore as fs
-from featurestore.collect import CollectOptions, parse_layers
+from featurestore.collect_options import CollectOptions, parse_layers
 from featurestore.data import FORMATS
 from featurestore.errors import UserError
 

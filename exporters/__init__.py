@@ -13,7 +13,7 @@ _WHERE = {
     "export_json": "feature_json", "export_pack": "feature_json",
     "export_metadata": "metadata", "feature_metadata": "metadata",
     "write_pack": "pack", "pack_json_dir": "pack", "read_feature": "pack", "PackReader": "pack",
-    "verify": "verify", "upload": "upload", "plan_upload": "upload",
+    "verify": "integrity", "upload": "hub_upload", "plan_upload": "hub_upload",
 }
 
 __all__ = sorted(_WHERE)

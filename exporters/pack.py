@@ -189,7 +189,7 @@ def resolve_workers(workers: int | None) -> int:
     return max(1, workers if workers else (os.cpu_count() or 1) - 1)
 
 
-_PRELOAD = ["exporters.pack", "exporters.verify", "exporters.feature_json"]
+_PRELOAD = ["exporters.pack", "exporters.integrity", "exporters.feature_json"]
 
 
 def _pool_context():

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .collect import (ChunkCollector, CollectOptions, _all_done, _n_rows, _prepare_store, check_options, describe_data,
+from .collection import (ChunkCollector, CollectOptions, _all_done, _n_rows, _prepare_store, check_options, describe_data,
                       describe_model, record_static_tables, start_run, write_static_tables)
 from .data import open_dataset
 from .errors import UserError

@@ -66,6 +66,8 @@ LOGIT_LENS = pa.schema([  # partitioned by source, layer
     pa.field("value", pa.float32(), nullable=False),
 ])
 
+ACTIVATION_ROW_GROUP = 65536
+
 PARTITION_TYPES = {"source": "VARCHAR", "layer": "INTEGER"}
 
 

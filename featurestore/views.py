@@ -40,7 +40,7 @@ def empty_select(columns: dict[str, str]) -> str:
 
 
 def schema_columns(s: pa.Schema, partitioned: bool = False) -> dict[str, str]:
-    cols = {"source": "VARCHAR", "layer": "INTEGER"} if partitioned else {}
+    cols = dict(schema.PARTITION_TYPES) if partitioned else {}
     return cols | {f.name: _duck_type(f.type) for f in s}
 
 
@@ -49,7 +49,8 @@ def sql_list(paths: list[str]) -> str:
 
 
 def parquet_scan(files: list[str], partitioned: bool) -> str:
-    hive = ", hive_partitioning = true, hive_types = {'source': VARCHAR, 'layer': INTEGER}" if partitioned else ""
+    types = ", ".join(f"'{k}': {v}" for k, v in schema.PARTITION_TYPES.items())
+    hive = f", hive_partitioning = true, hive_types = {{{types}}}" if partitioned else ""
     return f"read_parquet({sql_list(files)}{hive})"
 
 

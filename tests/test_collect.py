@@ -16,7 +16,7 @@ import featurestore as fs
 from brute_force import dense_run, nonzero_rows
 from conftest import build_tiny_model, make_rows, write_jsonl
 from featurestore.capture import sample_neurons
-from featurestore.regions import REGION_CODE, MarkerIds, assign_regions, find_markers
+from featurestore.regions import MarkerIds, assign_regions, find_markers
 from featurestore.schema import REGIONS
 
 

@@ -11,7 +11,7 @@ import pytest
 from cli.main import main
 from exporters.feature_json import export_json, export_pack
 from exporters.pack import DEAD_STUB, PackReader, pack_json_dir
-from exporters.verify import verify
+from exporters.integrity import verify
 from featurestore.ids import cantor
 
 

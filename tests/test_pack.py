@@ -15,7 +15,7 @@ import pytest
 
 from exporters.pack import DEAD_STUB, PackReader, feature_json_bytes, pack_entry, pack_json_dir, read_feature, write_pack
 from exporters.pack_reader import scan_to_url
-from exporters.verify import verify
+from exporters.integrity import verify
 from featurestore.errors import UserError
 from featurestore.ids import cantor
 

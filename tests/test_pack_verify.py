@@ -10,7 +10,7 @@ import pytest
 
 from cli.main import main
 from exporters.pack import PackReader, feature_json_bytes, pack_entry, write_pack
-from exporters.verify import verify
+from exporters.integrity import verify
 from featurestore.ids import cantor
 
 N_LAYERS, N_FEATURES = 3, 6

@@ -8,7 +8,7 @@ import pytest
 
 from cli.main import main
 from exporters.pack import feature_json_bytes, pack_entry, write_pack
-from exporters.upload import plan_upload, upload
+from exporters.hub_upload import plan_upload, upload
 from featurestore.errors import UserError
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from ..collect import parse_layers
+from ..collect_options import parse_layers
 from ..errors import UserError
 
 

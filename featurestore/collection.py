@@ -10,7 +10,7 @@ import contextlib
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,57 +19,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import schema
+from .collect_options import CollectOptions, check_options, parse_layers  # noqa: F401 (re-exported)
 from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, sample_neurons
-from .data import FORMATS, Dataset, adds_special_tokens, format_text, open_dataset
+from .data import Dataset, adds_special_tokens, format_text, open_dataset
 from .errors import UserError
 from .logit_lens import logit_lens_table, neuron_directions, transcoder_directions
 from .manifest import DATA_KEYS, Manifest, is_store, now, writer_lock
 from .modeling import default_device, load_model, load_tokenizer, parse_dtype, weights_fingerprint
-from .regions import REGION_CODE, MarkerIds, assign_regions, find_markers
+from .regions import MarkerIds, assign_regions, find_markers
 from .storage import store_path, write_parquet_atomic
 from .vocab import build_vocab
 
 REGION_DICTIONARY = pa.array(schema.REGIONS, pa.string())
-
-
-@dataclass
-class CollectOptions:
-    format: str = "deepseek"
-    max_length: int = 10000
-    max_samples: int | None = None
-    layers: list[int] | None = None
-    dtype: str = "auto"
-    device: str | None = None
-    batch_tokens: int = 16384
-    skip_incomplete: bool = False
-    source: str = "transcoder"
-    neurons_per_layer: int = 500
-    seed: int = 0
-    chunk_size: int = 64
-    tokenizer: str | None = None
-    revision: str | None = None
-    flush_rows: int = 4_000_000
-    progress: bool = True
-    # test hook: stop (as if killed) after this many chunks were committed in this run
-    stop_after_chunks: int | None = field(default=None, repr=False)
-
-
-def parse_layers(spec: str | None) -> list[int] | None:
-    """``"0,3,5-7"`` → [0, 3, 5, 6, 7]; None or "all" → None (every layer)."""
-    if spec is None or spec.strip().lower() in ("", "all"):
-        return None
-    layers: set[int] = set()
-    for part in spec.split(","):
-        part = part.strip()
-        try:
-            if "-" in part:
-                lo, hi = (int(x) for x in part.split("-", 1))
-                layers.update(range(lo, hi + 1))
-            else:
-                layers.add(int(part))
-        except ValueError:
-            raise UserError(f"bad --layers {spec!r}: use e.g. 0,3,5-7") from None
-    return sorted(layers)
 
 
 @dataclass
@@ -208,7 +169,8 @@ class ChunkWriter:
                          schema=schema.ACTIVATIONS)
         table = table.sort_by([("feature", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")])
         rel = f"{schema.partition_dir('activations', self.source, layer)}/{chunk_file_name(chunk, part, attempt)}"
-        write_parquet_atomic(table, self.root / rel)
+        # Small row groups let per-feature reads skip most of a file through min/max statistics on `feature`.
+        write_parquet_atomic(table, self.root / rel, row_group_size=schema.ACTIVATION_ROW_GROUP)
         return rel
 
     def write_stats(self, chunk: int, layer: int, stats, attempt: str | None = None) -> str:
@@ -277,19 +239,6 @@ def collect(model: str, data: str, store: str | Path, **options):
             run["finished"] = now()
             manifest.save()
     return Store(store_dir)
-
-
-def check_options(opts: CollectOptions) -> None:
-    """Refuse bad options before any model is loaded."""
-    if opts.source not in schema.SOURCES:
-        raise UserError(f"unknown --source {opts.source!r}; use transcoder or neurons")
-    if opts.format not in FORMATS:
-        raise UserError(f"unknown --format {opts.format!r}; use one of {', '.join(FORMATS)}")
-    for name in ("max_length", "batch_tokens", "chunk_size"):
-        if getattr(opts, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if opts.max_samples is not None and opts.max_samples <= 0:
-        raise UserError("--max-samples must be positive")
 
 
 def describe_model(ckpt, tokenizer, opts: CollectOptions, device: str) -> tuple[dict, list[int], dict, dict | None]:

@@ -14,7 +14,7 @@ from pathlib import Path, PurePosixPath
 
 from featurestore.errors import UserError
 
-from .verify import verify
+from .integrity import verify
 
 _REPO_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 

@@ -1,0 +1,61 @@
+"""Collection options, checked before any model is loaded (and importable without torch, for the CLI)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import schema
+from .data import FORMATS
+from .errors import UserError
+
+
+@dataclass
+class CollectOptions:
+    format: str = "deepseek"
+    max_length: int = 10000
+    max_samples: int | None = None
+    layers: list[int] | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    batch_tokens: int = 16384
+    skip_incomplete: bool = False
+    source: str = "transcoder"
+    neurons_per_layer: int = 500
+    seed: int = 0
+    chunk_size: int = 64
+    tokenizer: str | None = None
+    revision: str | None = None
+    flush_rows: int = 4_000_000
+    progress: bool = True
+    # test hook: stop (as if killed) after this many chunks were committed in this run
+    stop_after_chunks: int | None = field(default=None, repr=False)
+
+
+def parse_layers(spec: str | None) -> list[int] | None:
+    """``"0,3,5-7"`` → [0, 3, 5, 6, 7]; None or "all" → None (every layer)."""
+    if spec is None or spec.strip().lower() in ("", "all"):
+        return None
+    layers: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        try:
+            if "-" in part:
+                lo, hi = (int(x) for x in part.split("-", 1))
+                layers.update(range(lo, hi + 1))
+            else:
+                layers.add(int(part))
+        except ValueError:
+            raise UserError(f"bad --layers {spec!r}: use e.g. 0,3,5-7") from None
+    return sorted(layers)
+
+
+def check_options(opts: CollectOptions) -> None:
+    """Refuse bad options before any model is loaded."""
+    if opts.source not in schema.SOURCES:
+        raise UserError(f"unknown --source {opts.source!r}; use transcoder or neurons")
+    if opts.format not in FORMATS:
+        raise UserError(f"unknown --format {opts.format!r}; use one of {', '.join(FORMATS)}")
+    for name in ("max_length", "batch_tokens", "chunk_size"):
+        if getattr(opts, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if opts.max_samples is not None and opts.max_samples <= 0:
+        raise UserError("--max-samples must be positive")
