@@ -1,8 +1,10 @@
 """Per-feature dashboard documents (the circuit-tracer feature JSON) straight from the store: one feature, all of
 them as ``{cantor_id}.json`` files, or streamed into the pack.
 
-The parent process plans blocks and runs their scans (DuckDB, multi-threaded); worker processes render and compress
-documents. Workers share the token index through a memory-mapped file and decode each vocabulary entry once.
+The parent process plans blocks of features; with one worker it also scans, renders and compresses them itself,
+with a pool each worker process scans its own blocks (cheaper than shipping their rows), renders and compresses
+them, and the parent only writes. Workers share the token index through a memory-mapped file and decode each
+vocabulary entry once.
 """
 from __future__ import annotations
 
@@ -21,8 +23,8 @@ from featurestore.errors import UserError
 from featurestore.ids import cantor
 
 from .feature_documents import DocumentOptions, Vocabulary, render_block
-from .feature_queries import fetch_block, plan_blocks
-from .pack import DEFAULT_LEVEL, PackSummary, pack_entry, parallel_map, resolve_workers, write_pack
+from .feature_queries import BlockRows, fetch_block, plan_blocks
+from .pack import DEFAULT_LEVEL, PackSummary, pack_entry, parallel_map, write_pack
 from .staging import staged_directory
 from .token_index import TokenIndex
 
@@ -105,13 +107,23 @@ def iter_documents(store, source: str = "transcoder", options: DocumentOptions |
 _WORKER: dict = {}
 
 
-def _init_worker(texts: list[str] | None, vocab: Vocabulary | None, tokens_dir: str | None, tokens: TokenIndex | None) -> None:
+def _init_worker(texts: list[str] | None, vocab: Vocabulary | None, tokens_dir: str | None, tokens: TokenIndex | None,
+                 store_path: str | None = None) -> None:
     _WORKER["vocab"] = vocab if vocab is not None else Vocabulary(texts)
     _WORKER["tokens"] = tokens if tokens is not None else TokenIndex.open(tokens_dir)
+    if store_path is not None:
+        import featurestore
+
+        _WORKER["store"] = featurestore.open(store_path)
 
 
-def _render(block, options: DocumentOptions, mode: str, level: int, out_dir: str | None) -> list:
-    """Worker: one block -> files written (mode json) or (layer, feature, pack entry) (mode pack)."""
+def _render(task, options: DocumentOptions, mode: str, level: int, out_dir: str | None) -> list:
+    """Worker: one block -> files written (mode json) or (layer, feature, pack entry) (mode pack). ``task`` is a
+    fetched block, or in a pool (source, layer, features), which the worker reads itself: shipping a block's rows
+    between processes costs more than scanning them."""
+    block = task if isinstance(task, BlockRows) else fetch_block(_WORKER["store"], *task, options.seed)
+    if block is None:
+        return []
     results = []
     for feature, data in render_block(block, options, _WORKER["tokens"], _WORKER["vocab"]):
         if mode == "json":
@@ -123,23 +135,33 @@ def _render(block, options: DocumentOptions, mode: str, level: int, out_dir: str
     return results
 
 
+def fetched_blocks(store, source: str, plan: list[tuple[int, np.ndarray]], seed: int) -> Iterator[BlockRows]:
+    """The plan's non-empty blocks in order. Reading ahead in a thread or a reader process measured no faster on
+    2 cores (DuckDB's result conversion holds the GIL; shipping a block costs about what scanning it does)."""
+    for layer, features in plan:
+        block = fetch_block(store, source, layer, features, seed)
+        if block is not None:
+            yield block
+
+
 def _rendered(store, source, options, layers, mode, level, out_dir, workers, progress) -> Iterator[list]:
     from tqdm import tqdm
 
     plan = _plan(store, source, layers)
     total = sum(len(features) for _, features in plan)
-    pool_size = workers or (1 if total < POOL_THRESHOLD else resolve_workers(None))
+    pool_size = workers or (1 if total < POOL_THRESHOLD else os.cpu_count() or 1)  # workers do the reads too
     tokens = token_index(store)
     shared = tempfile.mkdtemp(prefix="featurestore-tokens-") if pool_size > 1 else None
     try:
         if shared:
             tokens.save(Path(shared))
-            initargs = (store.token_texts(), None, shared, None)
+            initargs = (store.token_texts(), None, shared, None, str(Path(store.path).resolve()))
+            tasks = ((source, layer, features) for layer, features in plan)
         else:
             initargs = (None, vocabulary(store), None, tokens)
-        blocks = (fetch_block(store, source, layer, features, options.seed) for layer, features in plan)
+            tasks = fetched_blocks(store, source, plan, options.seed)
         with tqdm(total=total, unit="feat", desc=f"export {mode}", disable=not progress, file=sys.stderr) as bar:
-            for results in parallel_map(_render, (b for b in blocks if b is not None), pool_size, options, mode, level,
+            for results in parallel_map(_render, tasks, pool_size, options, mode, level,
                                         out_dir, initializer=_init_worker, initargs=initargs):
                 bar.update(len(results))
                 yield results

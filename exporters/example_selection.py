@@ -1,0 +1,111 @@
+"""Which examples each feature's document shows, chosen for a whole block of features at once.
+
+Rows are ordered by (feature, seq_id, pos), so stable sorts break ties the way the store API does. Top-k: by
+activation descending. Random samples: the first ``n_random`` rows in the seeded key order. Interval groups: the
+feature's activations cut at nearest-rank quantiles into equally full buckets, the first ``per_interval`` rows of
+each bucket in the seeded key order, highest bucket first. Per feature only a sort of its activations, a top-k and
+a partial selection of the seeded order run; everything else is done for the block in a few array operations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .feature_queries import BlockRows
+
+
+@dataclass
+class Selection:
+    """Chosen examples of the block (grouped by feature, in document order) and per-feature summaries."""
+    rank: np.ndarray  # example -> feature index in the block
+    group: np.ndarray  # 0 top, 1 random, 2 + k interval k (highest interval first)
+    row: np.ndarray  # example -> row of its activation in the block
+    counts: np.ndarray  # (F, 2 + n_intervals) examples per feature and group
+    quantiles: np.ndarray  # (F, n_quantiles)
+    interval_edges: np.ndarray  # (F, n_intervals + 1): min, inner nearest-rank bounds, max
+
+
+def nearest_rank_rows(starts: np.ndarray, denominator: int, count: int) -> np.ndarray:
+    """(F, count) rows of the nearest-rank quantiles q = 1..count / denominator of each feature's sorted rows:
+    rank ceil(q * n), in integer arithmetic."""
+    sizes = np.diff(starts)[:, None]
+    numerators = np.arange(1, count + 1)[None, :]
+    return starts[:-1, None] + np.maximum((numerators * sizes + denominator - 1) // denominator - 1, 0)
+
+
+def top_k(acts: np.ndarray, ordered: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest activations, descending; ties in row (seq_id, pos) order, as the store API."""
+    if len(acts) > k:
+        candidates = np.flatnonzero(acts >= ordered[len(acts) - k])  # the k largest, plus any ties of the k-th
+        return candidates[np.argsort(-acts[candidates], kind="stable")[:k]]
+    return np.argsort(-acts, kind="stable")
+
+
+def seeded_prefix(keys: np.ndarray, wanted: int) -> np.ndarray:
+    """At least ``wanted`` first indices of the stable seeded order (by key, ties by row), without sorting all."""
+    if len(keys) <= wanted or wanted == 0:
+        return np.argsort(keys, kind="stable")
+    kth = np.partition(keys, wanted - 1)[wanted - 1]
+    candidates = np.flatnonzero(keys <= kth)  # every key below the kth and all of its ties: an exact prefix
+    return candidates[np.argsort(keys[candidates], kind="stable")]
+
+
+def _positions(lengths: np.ndarray) -> np.ndarray:
+    """0, 1, .. within each run of the given lengths."""
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def _concat(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    lengths = np.fromiter(map(len, parts), dtype=np.int64, count=len(parts))
+    return np.concatenate(parts), np.repeat(np.arange(len(parts)), lengths), _positions(lengths)
+
+
+def select_examples(block: BlockRows, options) -> Selection:
+    n_features, n_intervals = len(block.features), options.n_intervals
+    n_groups = 2 + n_intervals
+    bounds = block.starts.tolist()
+    ordered = block.act.copy()
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        ordered[start:stop].sort()
+    quantiles = ordered[nearest_rank_rows(block.starts, options.n_quantiles, options.n_quantiles)]
+    inner = ordered[nearest_rank_rows(block.starts, n_intervals, max(n_intervals - 1, 0))]
+    edges = np.zeros((n_features, n_intervals + 1), dtype=np.float32)
+    edges[:, 0], edges[:, 1:-1], edges[:, -1] = ordered[block.starts[:-1]], inner, ordered[block.starts[1:] - 1]
+
+    wanted = max(options.n_random, 4 * options.per_interval * n_intervals)
+    tops, prefixes = [], []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        tops.append(top_k(block.act[start:stop], ordered[start:stop], options.top_k) + start)
+        prefixes.append(seeded_prefix(block.key[start:stop], wanted) + start)
+    rows, rank, position = _concat(prefixes)
+    bucket = (inner[rank] < block.act[rows][:, None]).sum(axis=1)  # = searchsorted(bounds, act, "left")
+    if n_intervals:  # a prefix short of some bucket (ties, or an unlucky key order): take that feature's full order
+        found = np.bincount(rank * n_intervals + bucket, minlength=n_features * n_intervals).reshape(-1, n_intervals)
+        whole = np.fromiter(map(len, prefixes), dtype=np.int64, count=n_features) == np.diff(block.starts)
+        short = np.flatnonzero(~whole & (found < options.per_interval).any(axis=1))
+        if len(short):
+            for i in short.tolist():
+                prefixes[i] = np.argsort(block.key[bounds[i]:bounds[i + 1]], kind="stable") + bounds[i]
+            rows, rank, position = _concat(prefixes)
+            bucket = (inner[rank] < block.act[rows][:, None]).sum(axis=1)
+
+    top_rows, top_rank, top_position = _concat(tops)
+    random = position < options.n_random
+    group = 2 + (n_intervals - 1 - bucket)
+    by_group = np.lexsort((position, group, rank))
+    run_key = rank[by_group] * n_groups + group[by_group]
+    run_start = np.ones(len(run_key), dtype=bool)
+    run_start[1:] = run_key[1:] != run_key[:-1]
+    first = np.maximum.accumulate(np.where(run_start, np.arange(len(run_key)), 0))
+    interval = by_group[np.arange(len(run_key)) - first < options.per_interval] if n_intervals else by_group[:0]
+
+    all_rows = np.concatenate([top_rows, rows[random], rows[interval]])
+    all_rank = np.concatenate([top_rank, rank[random], rank[interval]])
+    all_group = np.concatenate([np.zeros(len(top_rows), dtype=np.int64), np.ones(int(random.sum()), dtype=np.int64),
+                                group[interval]])
+    all_position = np.concatenate([top_position, position[random], position[interval]])
+    order = np.lexsort((all_position, all_group, all_rank))
+    counts = np.bincount(all_rank * n_groups + all_group, minlength=n_features * n_groups).reshape(-1, n_groups)
+    return Selection(rank=all_rank[order], group=all_group[order], row=all_rows[order], counts=counts,
+                     quantiles=quantiles, interval_edges=edges)
