@@ -5,7 +5,9 @@ endpoint serves at 32 concurrent requests; so statistics, logit lens, top and qu
 and region counts and the token windows of a whole batch come from a handful of SQL queries over the
 store's views (through a cursor of its own, so the builder can run in a background thread). Windows are
 assembled exactly as ``Feature.examples_at`` does: display text from the ``tokens`` view, this feature's
-activation at every window token, clipped to the sequence.
+activation at every window token, clipped to the sequence. The judges read the windows as text, so a
+character split across byte-level tokens is merged (``featurestore.text.merge_partial_bytes``: it shows on
+the token that completes it) instead of reaching them as ``\\xNN`` escapes.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..features import Example
+from ..text import merge_partial_bytes
 from ..views import activation_scan
 
 
@@ -77,6 +80,8 @@ class EvidenceBuilder:
         self.con.execute("SET parquet_metadata_cache = true")  # store files are immutable once renamed in
         self.covered = self._covered_predicate()
         self._baseline: tuple[dict, dict] | None = None
+        # only tokens holding part of a UTF-8 character need their bytes; the others read as their display text
+        self._partial = dict(self.con.execute("SELECT token_id, raw FROM vocab WHERE partial_utf8 AND raw IS NOT NULL").fetchall())
 
     def close(self) -> None:
         self.con.close()
@@ -209,9 +214,13 @@ class EvidenceBuilder:
         out = []
         for feature, seq_id, pos, before, after in wanted:
             window = [p for p in range(max(0, pos - before), pos + after + 1) if (seq_id, p) in tokens]
+            token_ids = [tokens[seq_id, p][0] for p in window]
+            texts = [tokens[seq_id, p][1] for p in window]
+            if any(t in self._partial for t in token_ids):
+                texts = merge_partial_bytes([self._partial.get(t) for t in token_ids], texts)
             out.append(Example(
                 seq_id=seq_id, pos=pos, act=acts.get((feature, seq_id, pos), 0.0),
-                token_ids=[tokens[seq_id, p][0] for p in window], tokens=[tokens[seq_id, p][1] for p in window],
+                token_ids=token_ids, tokens=texts,
                 acts=[acts.get((feature, seq_id, p), 0.0) for p in window],
                 train_token_ind=window.index(pos) if pos in window else -1,
                 domain=domains.get(seq_id) or "", region=tokens[seq_id, pos][2] if (seq_id, pos) in tokens else ""))
