@@ -56,6 +56,7 @@ class FeatureEvidence:
 
 
 Row = tuple  # (seq_id, pos, act)
+EDGE = 3  # tokens decoded beyond each end of a window: a UTF-8 character spans at most 4 byte-level tokens
 
 
 def windows_conflict(a: tuple[int, int], b: tuple[int, int], span: int) -> bool:
@@ -194,8 +195,8 @@ class EvidenceBuilder:
         if not wanted:
             return []
         spans = pa.table({"seq_id": pa.array([w[1] for w in wanted], pa.int32()),
-                          "lo": pa.array([max(0, w[2] - w[3]) for w in wanted], pa.int32()),
-                          "hi": pa.array([w[2] + w[4] for w in wanted], pa.int32())})
+                          "lo": pa.array([max(0, w[2] - w[3] - EDGE) for w in wanted], pa.int32()),
+                          "hi": pa.array([w[2] + w[4] + EDGE for w in wanted], pa.int32())})
         features = sorted({w[0] for w in wanted})
         self.con.register("_interp_windows", spans)
         try:
@@ -217,7 +218,7 @@ class EvidenceBuilder:
             token_ids = [tokens[seq_id, p][0] for p in window]
             texts = [tokens[seq_id, p][1] for p in window]
             if any(t in self._partial for t in token_ids):
-                texts = merge_partial_bytes([self._partial.get(t) for t in token_ids], texts)
+                texts = self._readable(tokens, seq_id, window)
             out.append(Example(
                 seq_id=seq_id, pos=pos, act=acts.get((feature, seq_id, pos), 0.0),
                 token_ids=token_ids, tokens=texts,
@@ -225,6 +226,15 @@ class EvidenceBuilder:
                 train_token_ind=window.index(pos) if pos in window else -1,
                 domain=domains.get(seq_id) or "", region=tokens[seq_id, pos][2] if (seq_id, pos) in tokens else ""))
         return out
+
+    def _readable(self, tokens: dict, seq_id: int, window: list[int]) -> list[str]:
+        """The window's display strings with split characters merged, decoded with EDGE tokens of context on
+        each side: a character cut by the window's start shows whole, one cut by its end is left out."""
+        context = [p for p in range(window[0] - EDGE, window[-1] + EDGE + 1) if (seq_id, p) in tokens]
+        ids = [tokens[seq_id, p][0] for p in context]
+        merged = dict(zip(context, merge_partial_bytes([self._partial.get(t) for t in ids],
+                                                       [tokens[seq_id, p][1] for p in context])))
+        return [merged[p] for p in window]
 
     # ---- evidence per batch
     def _assemble(self, layer: int, chosen: dict[int, tuple[list[Row], list[tuple[int, Row]]]]) -> dict[int, FeatureEvidence]:
