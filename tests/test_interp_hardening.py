@@ -267,7 +267,7 @@ def test_windows_merge_characters_split_across_tokens(store):
     assert example.tokens[2:4] == ["", OMEGA] and example.tokens[:2] == raw[:2] and example.tokens[4:] == raw[4:]
     assert len(example.token_ids) == len(example.tokens) == 5
     # a window ending inside the character leaves it out; one starting inside it shows it whole
-    assert cut_after.tokens == raw[:2] + [""] and cut_before.tokens == [OMEGA] + raw[4:]
+    assert cut_after.tokens == raw[:2] + [""] and cut_before.tokens[:2] == [OMEGA, raw[4]]
 
 
 def test_judges_read_the_character_not_its_bytes(store):
