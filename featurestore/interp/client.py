@@ -289,7 +289,7 @@ class JudgeClient:
         attempts: list[Attempt] = []
         retries = 0
         adaptations = 0
-        begun = time.monotonic()
+        spent = 0.0  # in requests and waits; not in the queue for a concurrency slot
         while True:
             body = self.request_body(messages, schema_name, schema, max_tokens)
             params = {k: v for k, v in body.items() if k not in ("model", "messages")}
@@ -298,7 +298,7 @@ class JudgeClient:
             async with self._limit:
                 started = _dt.datetime.now(_dt.timezone.utc)
                 clock = time.monotonic()
-                deadline = max(0.0, min(self.settings.timeout_s, self.settings.budget_s - (clock - begun)))
+                deadline = max(0.0, min(self.settings.timeout_s, self.settings.budget_s - spent))
                 try:
                     raw = await asyncio.wait_for(self._client.chat.completions.with_raw_response.create(
                         model=self.settings.model, messages=messages, **params), timeout=deadline)
@@ -328,15 +328,18 @@ class JudgeClient:
                     attempts.append(self._attempt(logged, started, time.monotonic() - clock, None, None, error, "retry"))
                 else:
                     return self._completion(raw, logged, started, time.monotonic() - clock, attempts)
+                finally:
+                    spent += time.monotonic() - clock
             error = self.redact(error)
             if retries >= self.settings.transport_retries:
                 attempts[-1].outcome = "failed"
                 raise RequestFailed(f"gave up after {len(attempts)} requests: {error}", attempts)
-            wait, why = self._wait_before_retry(retries, headers, time.monotonic() - begun)
+            wait, why = self._wait_before_retry(retries, headers, spent)
             if wait is None:
                 attempts[-1].outcome = "failed"
                 raise RequestFailed(f"gave up after {len(attempts)} requests ({why}): {error}", attempts)
             await self.waits.wait(wait, why)
+            spent += wait
             retries += 1
 
     def _completion(self, raw, body: dict, started, latency: float, attempts: list[Attempt]) -> Completion:
