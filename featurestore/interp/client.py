@@ -137,14 +137,17 @@ def retry_after_seconds(headers) -> float | None:
     value = headers.get("retry-after-ms")
     if value is not None:
         try:
-            return max(float(value) / 1000.0, 0.0)
+            seconds = float(value) / 1000.0
+            if seconds == seconds:
+                return max(seconds, 0.0)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if value is None:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
+        return max(seconds, 0.0) if seconds == seconds else None  # NaN: no usable advice
     except ValueError:
         pass
     try:
