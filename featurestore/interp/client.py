@@ -8,9 +8,11 @@ Deadlines hold: ``timeout_s`` bounds each whole request (``asyncio.wait_for`` ar
 between bytes that the HTTP client's own timeout measures); every wait between tries is at most
 ``max_wait_s`` (a ``Retry-After`` asking for longer ends the question at once: the endpoint will not serve it
 sooner); and one question, all its tries and waits together, never takes more than ``budget_s``. A question
-that runs out becomes an error row, retried when the run is resumed. A 400 that names a parameter the endpoint does not take
-(``max_tokens`` on reasoning models, ``response_format`` json_schema, ``temperature``) switches the client
-to the alternative once, for every later request too. The API key is read from the environment or a
+that runs out becomes an error row, retried when the run is resumed.
+
+A 400 that names a parameter the endpoint does not take (``max_tokens`` on reasoning models,
+``response_format`` json_schema, ``temperature``) switches the client to the alternative once, for every
+later request too. The API key is read from the environment or a
 ``.env`` file and is never logged or stored: everything kept from a response goes through ``redact.Redactor``.
 """
 from __future__ import annotations
