@@ -242,7 +242,16 @@ def collect(model: str, data: str, store: str | Path, **options):
         if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
             run["finished"] = now()
             manifest.save()
+            finish_collection(manifest, opts)
     return Store(store_dir)
+
+
+def finish_collection(manifest: Manifest, opts: CollectOptions) -> None:
+    """A completed run compacts the store (``--no-compact`` leaves chunk files as they are)."""
+    if opts.compact:
+        from .compaction import compact_locked
+
+        compact_locked(manifest, opts.progress)
 
 
 def describe_model(ckpt, tokenizer, opts: CollectOptions, device: str) -> tuple[dict, list[int], dict, dict | None]:
