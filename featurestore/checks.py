@@ -72,7 +72,8 @@ def _hash_all(manifest: Manifest, rels: list[str], sizes: dict, desc: str, progr
     """rel -> sha256 of each file, hashed in parallel with a byte progress bar."""
     root = manifest.root
     total = sum(sizes.get(rel) or 0 for rel in rels)
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or not rels, file=sys.stderr)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress or not rels, file=sys.stderr,
+               delay=1)  # shown only when hashing takes a while
 
     def one(rel):
         try:
