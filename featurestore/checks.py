@@ -124,12 +124,16 @@ def remember(manifest: Manifest, rels) -> None:
         return
     hashes = manifest.hashes()
     cache = load_stat_cache(root)
+    added = 0
     for rel in rels:
         if rel in hashes:
             try:
                 cache[rel] = _stat_key(root / rel) + [hashes[rel][1]]
+                added += 1
             except OSError:
                 continue
+    if not added:
+        return
     listed = set(manifest.listed())
     save_stat_cache(root, {rel: v for rel, v in cache.items() if rel in listed})
 

@@ -11,7 +11,7 @@ import datetime as _dt
 import fcntl
 import json
 import os
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
@@ -129,7 +129,8 @@ class Manifest:
     # ---- writing
     def save(self) -> None:
         self.data["format_version"] = FORMAT_VERSION
-        write_bytes_atomic(self.root / MANIFEST, json.dumps(self.data, indent=1).encode())
+        # compact JSON: the C encoder (an indented dump is ~10x slower, and this runs on every commit)
+        write_bytes_atomic(self.root / MANIFEST, json.dumps(self.data, separators=(",", ":")).encode())
 
     @classmethod
     def create(cls, root: Path, model: dict, data: dict, settings: dict) -> "Manifest":
@@ -182,10 +183,9 @@ class Manifest:
 
 def inside_store(rel) -> bool:
     """A listed path must be relative, normalised and below the store root (no ``..``, no absolute path)."""
-    if not isinstance(rel, str) or not rel or "\\" in rel or "\x00" in rel:
+    if not isinstance(rel, str) or not rel or rel[0] == "/" or "\\" in rel or "\x00" in rel or ":" in rel:
         return False
-    path = PurePosixPath(rel)
-    return not path.is_absolute() and ".." not in path.parts and path.as_posix() == rel and ":" not in path.parts[0]
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
 
 
 def remove_stale_temporaries(root: Path) -> list[Path]:
