@@ -34,6 +34,7 @@ def build_store(root: Path, layers: int, chunks: int, tokens: int, seed: int = 0
     weights = 1.0 / np.arange(1, N_FEATURES + 1) ** 1.1  # heavy tail: a few features on >1% of tokens
     weights[rng.choice(N_FEATURES, N_FEATURES // 20, replace=False)] = 0  # some dead
     weights /= weights.sum()
+    cdf = np.cumsum(weights)
     permutation = rng.permutation(N_FEATURES)
     manifest = Manifest.create(root, {"name": "synthetic", "n_layers": layers, "n_features": N_FEATURES}, {"sha256": "-"}, {})
     manifest.data["sources"]["transcoder"] = {"layers": list(range(layers))}
@@ -45,10 +46,8 @@ def build_store(root: Path, layers: int, chunks: int, tokens: int, seed: int = 0
         seq = (chunk * 64 + np.arange(tokens) // 5000).astype(np.int32)
         pos = (np.arange(tokens) % 5000).astype(np.int32)
         for layer in range(layers):
-            feature = permutation[rng.choice(N_FEATURES, size=tokens * 5, p=weights)]
+            feature = permutation[np.minimum(np.searchsorted(cdf, rng.random(tokens * 5)), N_FEATURES - 1)]
             row_seq, row_pos = np.repeat(seq, 5), np.repeat(pos, 5)
-            key = np.unique((row_seq.astype(np.int64) << 33) | (row_pos.astype(np.int64) << 13) | feature, return_index=True)[1]
-            feature, row_seq, row_pos = feature[key], row_seq[key], row_pos[key]
             act = rng.exponential(1.0, len(feature)).astype(np.float32) + 0.01
             future = Future()
             future.set_result(writer.write_part(chunk, layer, 0, (feature, row_seq, row_pos, act)))

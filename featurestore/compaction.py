@@ -30,7 +30,7 @@ from . import checks, schema
 from .manifest import Manifest, writer_lock
 from .storage import HashingFile, _fsync_dir, is_remote, store_path, temp_path, write_parquet_atomic
 
-GROUP_ROWS = 1 << 17  # rows per row group (a range of whole features)
+GROUP_ROWS = 1 << 16  # rows per row group: a range of whole features (a bigger feature spans several groups)
 FILE_ROWS = 1 << 26  # rows per compacted file (~0.5 GB)
 SORT_KEYS = [("feature", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")]
 
@@ -108,7 +108,7 @@ def compact_layer(manifest: Manifest, source: str, layer: int, progress: bool = 
         for lo, hi in feature_ranges(counts, GROUP_ROWS):
             pieces = [piece for cursor in cursors if (piece := cursor.take_below(lo, hi)) is not None]
             if pieces:
-                group = pa.concat_tables(pieces).sort_by(SORT_KEYS)
+                group = sort_rows(pa.concat_tables(pieces), lo, hi)
                 writer.write(group)
                 bar.update(group.num_rows)
         outputs = writer.close()
@@ -171,6 +171,17 @@ def feature_ranges(counts: np.ndarray, group_rows: int) -> list[tuple[int, int]]
     return ranges
 
 
+def sort_rows(table: pa.Table, lo: int, hi: int) -> pa.Table:
+    """Rows of features [lo, hi) sorted by (feature, seq_id, pos): one packed 64-bit key when it fits (the input
+    is a concatenation of sorted runs, which a stable sort merges fast), else Arrow's multi-key sort."""
+    seq = table.column("seq_id").to_numpy().astype(np.uint64)
+    pos = table.column("pos").to_numpy().astype(np.uint64)
+    if table.num_rows == 0 or hi - lo > 1 << 13 or seq.max() >= 1 << 31 or pos.max() >= 1 << 20:
+        return table.sort_by(SORT_KEYS)
+    rank = (table.column("feature").to_numpy().astype(np.int64) - lo).astype(np.uint64)
+    return table.take(np.argsort((rank << np.uint64(51)) | (seq << np.uint64(20)) | pos, kind="stable"))
+
+
 def _open_parquet(path) -> pq.ParquetFile:
     if is_remote(path):
         return pq.ParquetFile(path.filesystem.open_input_file(path.key))
@@ -231,7 +242,7 @@ class _Output:
         if self.writer is None or self.rows >= FILE_ROWS:
             self._finish()
             self._start()
-        self.writer.write_table(group, row_group_size=max(group.num_rows, 1))
+        self.writer.write_table(group, row_group_size=GROUP_ROWS)
         self.rows += group.num_rows
 
     def _start(self) -> None:
@@ -244,7 +255,8 @@ class _Output:
             self.tmp = temp_path(Path(path))
             self.handle = open(self.tmp, "wb")
         self.sink = HashingFile(self.handle)
-        self.writer = pq.ParquetWriter(self.sink, schema.ACTIVATIONS, compression="zstd")
+        # no dictionary pages: 5x faster to write and ~25% smaller for these (mostly unique) values
+        self.writer = pq.ParquetWriter(self.sink, schema.ACTIVATIONS, compression="zstd", use_dictionary=False)
         self.files.append(rel)
         self.rows = 0
 

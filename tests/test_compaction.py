@@ -62,7 +62,8 @@ def test_compaction_changes_no_view_and_sorts_by_feature_ranges(chunked, referen
         ranges = [(meta.row_group(i).column(0).statistics.min, meta.row_group(i).column(0).statistics.max)
                   for i in range(meta.num_row_groups)]
         assert meta.num_row_groups > 3
-        assert all(hi < lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))  # no feature split across groups
+        for (a_lo, a_hi), (b_lo, b_hi) in zip(ranges, ranges[1:]):  # groups hold whole features, or one big one
+            assert a_hi < b_lo or a_lo == a_hi == b_lo == b_hi
         table = pq.read_table(store / files[0])
         keys = list(zip(*(table.column(c).to_pylist() for c in ("feature", "seq_id", "pos"))))
         assert keys == sorted(keys)
