@@ -6,8 +6,8 @@ group gets groups of its own), and its ``feature_stats`` is one row per feature.
 
 Streaming, memory bounded: one pass reads the ``feature`` column to plan feature ranges of ``GROUP_ROWS`` rows;
 the merge keeps one cursor per input file and reads each input row group once, holding at most one row group per
-file plus the range being written. Input hashes are verified first (compaction must not launder a damaged file
-into a freshly hashed one).
+file plus the range being written, for each layer in flight (up to 4 at once). Input hashes are verified first
+(compaction must not launder a damaged file into a freshly hashed one).
 
 Crash safety: new files get names of a new generation (``compact-gNNNN-MMM.parquet``) and are invisible until one
 atomic manifest rewrite per layer replaces the layer's file lists; the old files are deleted only after it. A kill
@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +44,26 @@ def compact(location, progress: bool = True) -> dict:
         return compact_locked(Manifest.load(root), progress)
 
 
-def compact_locked(manifest: Manifest, progress: bool = True) -> dict:
-    """Compact a store whose writer lock the caller holds; returns {"layers": n compacted, "rows": n rows}."""
+def compact_locked(manifest: Manifest, progress: bool = True, workers: int | None = None) -> dict:
+    """Compact a store whose writer lock the caller holds, ``workers`` layers at a time (Arrow, zstd and the sort
+    release the GIL); returns {"layers": n compacted, "rows": n rows}."""
     checks.quick_check(manifest, progress)
-    summary = {"layers": 0, "rows": 0}
+    jobs = []
     for source in manifest.sources():
         for layer in _layers(manifest, source):
             _remove_unlisted(manifest, source, layer)
             if _needs_compaction(manifest, source, layer):
-                summary["rows"] += compact_layer(manifest, source, layer, progress)
-                summary["layers"] += 1
-    return summary
+                jobs.append((source, layer, _layer_files(manifest, "activations", source, layer),
+                             _layer_files(manifest, "feature_stats", source, layer)))
+    total = sum(_open_parquet(manifest.root / rel).metadata.num_rows for job in jobs for rel in job[2])
+    bar = tqdm(total=total, unit="row", unit_scale=True, desc="compact", disable=not progress or not jobs, file=sys.stderr)
+    lock = threading.Lock()
+    try:
+        with ThreadPoolExecutor(max(1, workers or min(4, os.cpu_count() or 1))) as pool:
+            rows = list(pool.map(lambda job: compact_layer(manifest, *job, bar=bar, lock=lock), jobs))
+    finally:
+        bar.close()
+    return {"layers": len(jobs), "rows": sum(rows)}
 
 
 def _layers(manifest: Manifest, source: str) -> list[int]:
@@ -88,12 +99,13 @@ def _remove_unlisted(manifest: Manifest, source: str, layer: int) -> None:
                 path.unlink(missing_ok=True)
 
 
-def compact_layer(manifest: Manifest, source: str, layer: int, progress: bool = True) -> int:
+def compact_layer(manifest: Manifest, source: str, layer: int, inputs: list[str], stats_inputs: list[str], *, bar,
+                  lock: threading.Lock) -> int:
+    """Merge one layer's files (``inputs``: activations, ``stats_inputs``: feature_stats) and commit the result."""
     root = manifest.root
-    inputs = _layer_files(manifest, "activations", source, layer)
-    stats_inputs = _layer_files(manifest, "feature_stats", source, layer)
     checks.verify_files(manifest, inputs + stats_inputs, progress=False)
-    entry = manifest.data.get("compacted", {}).get(source, {}).get(str(layer)) or {}
+    with lock:
+        entry = manifest.data.get("compacted", {}).get(source, {}).get(str(layer)) or {}
     generation = int(entry.get("generation", 0)) + 1
     directory = schema.partition_dir("activations", source, layer)
     hashes: dict[str, list] = {}
@@ -101,8 +113,6 @@ def compact_layer(manifest: Manifest, source: str, layer: int, progress: bool = 
     counts = _feature_counts(root, inputs)
     outputs = []
     writer = _Output(root, f"{directory}/compact-g{generation:04d}", hashes)
-    bar = tqdm(total=int(counts.sum()), unit="row", unit_scale=True, desc=f"compact {source} layer {layer}",
-               disable=not progress, file=sys.stderr)
     try:
         cursors = [_Cursor(_open_parquet(root / rel)) for rel in inputs]
         for lo, hi in feature_ranges(counts, GROUP_ROWS):
@@ -113,7 +123,6 @@ def compact_layer(manifest: Manifest, source: str, layer: int, progress: bool = 
                 bar.update(group.num_rows)
         outputs = writer.close()
     finally:
-        bar.close()
         writer.abort()
 
     stats_rel = f"{schema.partition_dir('feature_stats', source, layer)}/compact-g{generation:04d}.parquet"
@@ -122,8 +131,9 @@ def compact_layer(manifest: Manifest, source: str, layer: int, progress: bool = 
     hashes[stats_rel] = [info["size"], info["sha256"]]
 
     old = set(inputs + stats_inputs)
-    _commit(manifest, source, layer, {"generation": generation, "activations": outputs, "feature_stats": [stats_rel]},
-            old, hashes)
+    with lock:
+        _commit(manifest, source, layer, {"generation": generation, "activations": outputs, "feature_stats": [stats_rel]},
+                old, hashes)
     for rel in sorted(old):
         (root / rel).unlink(missing_ok=True)
     return int(counts.sum())
