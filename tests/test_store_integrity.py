@@ -2,6 +2,7 @@
 export), `featurestore check` reports each problem on its own line, and old stores upgrade with one command."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,9 @@ import pytest
 import featurestore as fs
 from cli.main import main
 from featurestore.checks import check_store, sha256_of
+
+if importlib.util.find_spec("moto") is not None:
+    from test_object_store import s3, s3_env  # noqa: F401 (fixtures: a moto S3 server on 127.0.0.1)
 
 LAYER0 = "activations/source=transcoder/layer=0"
 
@@ -194,3 +198,24 @@ def test_stale_manifest_temporaries_are_removed_by_the_next_writer(damaged):
     compact(damaged, progress=False)
     assert not stale.exists()
     assert check_store(damaged, progress=False) == []
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moto") is None, reason="needs moto[server]")
+def test_check_compact_and_export_refusal_on_s3(tiny, s3, tmp_path, capsys):
+    uri = "s3://stores/verified"
+    fs.collect(str(tiny["model"]), str(tiny["data"]), uri, chunk_size=8, batch_tokens=512, progress=False, compact=False)
+    assert main(["compact", uri]) == 0 and main(["check", uri]) == 0
+    capsys.readouterr()
+    store = fs.open(uri)
+    assert store.sql("SELECT count(*), sum(act) FROM activations").fetchall() == \
+        tiny["store"].sql("SELECT count(*), sum(act) FROM activations").fetchall()
+    rel = store.manifest_obj.files("activations", "transcoder")[0]
+    target = store.path / rel
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    target.write_bytes(bytes(data))
+    assert main(["check", uri]) == 1
+    assert f"{rel}: wrong hash" in capsys.readouterr().out
+    line = one_line_error(capsys, "export", "pack", uri, "--out", tmp_path / "pack", "--workers", "1")
+    assert rel in line and "wrong hash" in line
+    assert not (tmp_path / "pack").exists()
