@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    except SystemExit as exc:  # a command's own status (`check` exits 1 when it found problems)
+        return int(exc.code or 0)
     except KeyboardInterrupt:
         click.echo("interrupted: committed chunks are kept; rerun the same command to resume", err=True)
         return 130

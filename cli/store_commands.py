@@ -1,4 +1,4 @@
-"""Commands over the store itself: demo, collect, sql, info."""
+"""Commands over the store itself: demo, collect, sql, info, check, compact."""
 from __future__ import annotations
 
 import json
@@ -40,8 +40,10 @@ _DEFAULTS = CollectOptions()
                    "HOST:PORT or ray://HOST:PORT, that cluster. Needs featurestore[ray].")
 @click.option("--num-workers", type=click.IntRange(1), default=None, help="With --ray: actors, each loading the model once [1].")
 @click.option("--gpus-per-worker", type=click.FloatRange(0), default=None, help="With --ray: GPUs per actor [0; use 1 on GPU nodes].")
+@click.option("--no-compact", is_flag=True, help="Keep chunk files as written when the run completes "
+              "(by default each layer's chunks are merged; see `featurestore compact`).")
 def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, device, batch_tokens, skip_incomplete, source,
-            neurons_per_layer, seed, chunk_size, tokenizer, revision, ray_address, num_workers, gpus_per_worker):
+            neurons_per_layer, seed, chunk_size, tokenizer, revision, ray_address, num_workers, gpus_per_worker, no_compact):
     """Run MODEL over DATA and store every non-zero feature activation.
 
     Interrupt at any time: rerunning the same command resumes from the last committed chunk.
@@ -57,7 +59,7 @@ def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, dev
                         layers=parse_layers(layers), dtype=dtype, device=device, batch_tokens=batch_tokens,
                         skip_incomplete=skip_incomplete, source="neuron" if source.startswith("neuron") else source,
                         neurons_per_layer=neurons_per_layer, seed=seed, chunk_size=chunk_size, tokenizer=tokenizer,
-                        revision=revision)
+                        revision=revision, compact=not no_compact)
     info = result.info()
     for name, s in info["sources"].items():
         click.echo(f"{name}: {s['activations']:,} activations, {s['live_features']:,} live features, {s['chunks']} chunks")
@@ -108,6 +110,45 @@ def demo(out):
     run_demo(out)
 
 
+@click.command()
+@click.argument("store")  # a directory or an object-store URI (s3://bucket/prefix)
+@click.option("--upgrade", is_flag=True, help="First record size and sha256 of listed files that have none "
+              "(stores written before verified files), hashing them as they are now.")
+@click.option("--workers", type=click.IntRange(1), default=None, help="Files hashed in parallel [CPUs, at most 8].")
+def check(store, upgrade, workers):
+    """Verify every file of STORE against the size and sha256 recorded when it was committed.
+
+    Prints one line per problem, naming the file: missing, truncated, wrong hash, listed twice, outside the store,
+    not listed but present, no recorded hash. Exit status 0 when there is none, 1 otherwise.
+    """
+    from featurestore.checks import check_store, upgrade as upgrade_store
+
+    if upgrade:
+        click.echo(f"recorded size and sha256 of {upgrade_store(store, workers=workers)} files", err=True)
+    problems = check_store(store, workers=workers)
+    for line in problems:
+        click.echo(line)
+    if problems:
+        click.echo(f"{len(problems)} problems in {store}", err=True)
+        raise SystemExit(1)
+    click.echo(f"ok: every listed file of {store} matches its recorded size and sha256")
+
+
+@click.command()
+@click.argument("store")  # a directory or an object-store URI (s3://bucket/prefix)
+def compact(store):
+    """Merge each layer's chunk files into a few files sorted by (feature, seq_id, pos), and its per-chunk
+    feature_stats into one row per feature: faster per-feature reads and `features` view, same query results.
+
+    Safe to interrupt: the old files stay in force until a layer's new ones are committed; rerun to finish.
+    A completed `collect` does this itself unless run with --no-compact.
+    """
+    from featurestore.compaction import compact as compact_store
+
+    summary = compact_store(store)
+    click.echo(f"compacted {summary['layers']} layers ({summary['rows']:,} activations) in {store}")
+
+
 def register(group: click.Group) -> None:
-    for command in (demo, collect, sql, info):
+    for command in (demo, collect, sql, info, check, compact):
         group.add_command(command)

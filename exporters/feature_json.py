@@ -80,12 +80,11 @@ def check_source(store, source: str, layers: list[int] | None) -> list[int]:
     if not collected or not any(c["source"] == source for c in store.manifest["chunks"]):
         raise UserError(f"{store.path} has no {source} activations; run `featurestore collect` first")
     available = list(collected.get("layers") or range(store.manifest["model"]["n_layers"]))
-    if layers is None:
-        return available
-    missing = [layer for layer in layers if layer not in available]
+    missing = [layer for layer in layers or [] if layer not in available]
     if missing:
         raise UserError(f"layers {missing} were not collected for {source} (collected: {available})")
-    return sorted(layers)
+    store.verify(source, layers)  # re-hash what the export reads: corrupt files are never exported
+    return available if layers is None else sorted(layers)
 
 
 def _plan(store, source: str, layers: list[int] | None) -> list[tuple[int, np.ndarray]]:

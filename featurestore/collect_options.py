@@ -26,6 +26,7 @@ class CollectOptions:
     revision: str | None = None
     flush_rows: int = 4_000_000
     progress: bool = True
+    compact: bool = True  # merge each layer's chunk files when the run completes (featurestore.compaction)
     # test hook: stop (as if killed) after this many chunks were committed in this run
     stop_after_chunks: int | None = field(default=None, repr=False)
 

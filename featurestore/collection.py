@@ -133,6 +133,13 @@ class ChunkWriter:
         self.commit = commit
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestore-writer")
         self.pending: list[Future] = []
+        self.hashes: dict[str, list] = {}  # rel -> [size, sha256] of files written and not yet in a record
+
+    def _write(self, table: pa.Table, rel: str, **options) -> str:
+        info = {}
+        write_parquet_atomic(table, self.root / rel, info=info, **options)
+        self.hashes[rel] = [info["size"], info["sha256"]]
+        return rel
 
     def _wait(self, keep: int) -> None:
         while len(self.pending) > keep:
@@ -170,8 +177,7 @@ class ChunkWriter:
         table = table.sort_by([("feature", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")])
         rel = f"{schema.partition_dir('activations', self.source, layer)}/{chunk_file_name(chunk, part, attempt)}"
         # Small row groups let per-feature reads skip most of a file through min/max statistics on `feature`.
-        write_parquet_atomic(table, self.root / rel, row_group_size=schema.ACTIVATION_ROW_GROUP)
-        return rel
+        return self._write(table, rel, row_group_size=schema.ACTIVATION_ROW_GROUP)
 
     def write_stats(self, chunk: int, layer: int, stats, attempt: str | None = None) -> str:
         count, total, peak = stats
@@ -179,17 +185,15 @@ class ChunkWriter:
         table = pa.table({"feature": self.unit_ids[layer][live].astype(np.int32), "n_active": count[live],
                           "sum_act": total[live], "max_act": peak[live]}, schema=schema.FEATURE_STATS)
         rel = f"{schema.partition_dir('feature_stats', self.source, layer)}/{chunk_file_name(chunk, None, attempt)}"
-        write_parquet_atomic(table, self.root / rel)
-        return rel
+        return self._write(table, rel)
 
     def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict) -> dict:
         files, attempt = record["files"], record.get("attempt")
         files["activations"] = [f.result() for f in part_futures]
         files["feature_stats"] = [self.write_stats(record["chunk"], layer, s, attempt) for layer, s in sorted(stats.items())]
         for name, table in tables.items():
-            rel = f"{name}/{chunk_file_name(record['chunk'], None, attempt)}"
-            write_parquet_atomic(table, self.root / rel)
-            files[name] = [rel]
+            files[name] = [self._write(table, f"{name}/{chunk_file_name(record['chunk'], None, attempt)}")]
+        record["hashes"] = {rel: self.hashes.pop(rel) for rel_list in files.values() for rel in rel_list}
         if self.commit is not None:
             record["committed"] = now()
             self.commit(record)
@@ -238,7 +242,16 @@ def collect(model: str, data: str, store: str | Path, **options):
         if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
             run["finished"] = now()
             manifest.save()
+            finish_collection(manifest, opts)
     return Store(store_dir)
+
+
+def finish_collection(manifest: Manifest, opts: CollectOptions) -> None:
+    """A completed run compacts the store (``--no-compact`` leaves chunk files as they are)."""
+    if opts.compact:
+        from .compaction import compact_locked
+
+        compact_locked(manifest, opts.progress)
 
 
 def describe_model(ckpt, tokenizer, opts: CollectOptions, device: str) -> tuple[dict, list[int], dict, dict | None]:
@@ -296,15 +309,26 @@ def record_static_tables(manifest: Manifest, source: str, written: dict) -> None
         manifest.data["vocab"] = written["vocab"]
     if written.get("logit_lens") is not None:
         manifest.data["logit_lens"][source] = written["logit_lens"]
+    manifest.data.setdefault("hashes", {}).update(written.get("hashes", {}))
     manifest.save()
+    if written.get("hashes"):
+        from .checks import remember
+
+        remember(manifest, written["hashes"])
 
 
 def write_static_tables(root: Path, net, tokenizer, source: str, layers: list[int], neurons, *, vocab: bool,
                         logit_lens: bool) -> dict:
     """Write the asked static tables; returns what to record: {"vocab": file or None, "logit_lens": files or None}."""
-    written = {"vocab": None, "logit_lens": None}
+    written = {"vocab": None, "logit_lens": None, "hashes": {}}
+
+    def write(table: pa.Table, rel: str) -> None:
+        info = {}
+        write_parquet_atomic(table, root / rel, info=info)
+        written["hashes"][rel] = [info["size"], info["sha256"]]
+
     if vocab:
-        write_parquet_atomic(build_vocab(tokenizer), root / schema.VOCAB_FILE)
+        write(build_vocab(tokenizer), schema.VOCAB_FILE)
         written["vocab"] = schema.VOCAB_FILE
     if logit_lens:
         unembed = net.lm_head.weight
@@ -315,7 +339,7 @@ def write_static_tables(root: Path, net, tokenizer, source: str, layers: list[in
             else:
                 table = logit_lens_table(unembed, neuron_directions(net, layer, neurons[layer]), neurons[layer])
             rel = f"{schema.partition_dir('logit_lens', source, layer)}/logit_lens.parquet"
-            write_parquet_atomic(table, root / rel)
+            write(table, rel)
             files.append(rel)
         written["logit_lens"] = files
     return written

@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .collection import (ChunkCollector, CollectOptions, _all_done, _n_rows, _prepare_store, check_options, describe_data,
-                      describe_model, record_static_tables, start_run, write_static_tables)
+                      describe_model, finish_collection, record_static_tables, start_run, write_static_tables)
 from .data import open_dataset
 from .errors import UserError
 from .manifest import Manifest, now, writer_lock
@@ -137,6 +137,7 @@ def collect_distributed(model: str, data: str, store: str | Path, cluster: Clust
             if _all_done(manifest, dataset, opts):
                 run["finished"] = now()
                 manifest.save()
+                finish_collection(manifest, opts)
     finally:
         pool.stop()
         if started_ray:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import UserError
-from .schema import FORMAT_VERSION, MANIFEST
+from .schema import FORMAT_VERSION, MANIFEST, READABLE_VERSIONS
 from .storage import is_remote, store_path, write_bytes_atomic
 
 # Settings that decide the tokens and sequences tables; a later run must match them exactly.
@@ -44,11 +44,53 @@ class Manifest:
             raise UserError(f"{root} is not a feature store (no {MANIFEST})")
         try:
             data = json.loads(file.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{file} is corrupt: {exc.msg}") from None
-        if data.get("format_version") != FORMAT_VERSION:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{file} is corrupt: {getattr(exc, 'msg', None) or exc.reason}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{file} is corrupt: a {type(data).__name__} instead of a JSON object")
+        if data.get("format_version") not in READABLE_VERSIONS:
             raise UserError(f"{root} has store format {data.get('format_version')}, this featurestore reads {FORMAT_VERSION}")
-        return cls(root, data)
+        manifest = cls(root, data)
+        manifest.validate()
+        return manifest
+
+    def validate(self) -> None:
+        """Refuse a malformed manifest, a listed path outside the store and a file listed twice (one-line errors)."""
+        file = self.root / MANIFEST
+        try:
+            for key, kind in (("model", dict), ("sources", dict), ("logit_lens", dict), ("chunks", list), ("runs", list)):
+                if not isinstance(self.data.get(key), kind):
+                    raise TypeError(key)
+            listed = self.listed()
+        except (TypeError, KeyError, AttributeError, ValueError) as exc:
+            raise UserError(f"{file} is corrupt: malformed entry {str(exc) or type(exc).__name__}") from None
+        seen = set()
+        for rel in listed:
+            if not inside_store(rel):
+                raise UserError(f"{file} lists {rel!r}, which is outside the store; refusing to read it")
+            if rel in seen:
+                raise UserError(f"{file} lists {rel} twice; run `featurestore check {self.root}`")
+            seen.add(rel)
+
+    def listed(self) -> list[str]:
+        """Every file the manifest lists (a file listed twice appears twice)."""
+        out = [self.data["vocab"]] if self.data.get("vocab") else []
+        for files in self.data.get("logit_lens", {}).values():
+            out.extend(files)
+        for record in self.chunks:
+            for files in record["files"].values():
+                out.extend(files)
+        for layers in self.data.get("compacted", {}).values():
+            for entry in layers.values():
+                out.extend(entry["activations"] + entry["feature_stats"])
+        return out
+
+    def hashes(self) -> dict[str, list]:
+        """rel -> [size, sha256] of every file committed with a recorded hash (stores before version 2 have none)."""
+        out = dict(self.data.get("hashes", {}))
+        for record in self.chunks:
+            out.update(record.get("hashes", {}))
+        return out
 
     @property
     def model(self) -> dict:
@@ -67,6 +109,11 @@ class Manifest:
     def files(self, table: str, source: str | None = None) -> list[str]:
         """Committed files of a table, relative to the store root, in chunk order."""
         out = []
+        if table in ("activations", "feature_stats"):  # compacted layers first (featurestore.compaction)
+            for name, layers in sorted(self.data.get("compacted", {}).items()):
+                if source is None or name == source:
+                    for layer in sorted(layers, key=int):
+                        out.extend(layers[layer][table])
         for record in sorted(self.chunks, key=lambda c: (c["chunk"], c["source"])):
             if source is None or record["source"] == source or table in ("tokens", "sequences"):
                 out.extend(record["files"].get(table, []))
@@ -81,7 +128,9 @@ class Manifest:
 
     # ---- writing
     def save(self) -> None:
-        write_bytes_atomic(self.root / MANIFEST, json.dumps(self.data, indent=1).encode())
+        self.data["format_version"] = FORMAT_VERSION
+        # compact JSON: the C encoder (an indented dump is ~10x slower, and this runs on every commit)
+        write_bytes_atomic(self.root / MANIFEST, json.dumps(self.data, separators=(",", ":")).encode())
 
     @classmethod
     def create(cls, root: Path, model: dict, data: dict, settings: dict) -> "Manifest":
@@ -97,6 +146,7 @@ class Manifest:
             "logit_lens": {},
             "runs": [],
             "chunks": [],
+            "hashes": {},
         })
         manifest.save()
         return manifest
@@ -126,6 +176,24 @@ class Manifest:
             raise RuntimeError(f"chunk {record['chunk']} of {record['source']} committed twice")
         self.chunks.append(record)
         self.save()
+        from .checks import remember  # the stat cache: these files need no re-hash on the next open
+
+        remember(self, record.get("hashes", {}))
+
+
+def inside_store(rel) -> bool:
+    """A listed path must be relative, normalised and below the store root (no ``..``, no absolute path)."""
+    if not isinstance(rel, str) or not rel or rel[0] == "/" or "\\" in rel or "\x00" in rel or ":" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
+def remove_stale_temporaries(root: Path) -> list[Path]:
+    """The manifest's (and the stat cache's) ``.tmp`` files a killed writer left; only called holding the writer lock."""
+    stale = [p for p in root.glob(".*.tmp") if p.name.startswith((f".{MANIFEST}.", ".verified.json."))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 @contextlib.contextmanager
@@ -144,6 +212,7 @@ def writer_lock(root: Path) -> Iterator[None]:
         handle.close()
         raise UserError(f"store {root} is being written by another process") from None
     try:
+        remove_stale_temporaries(root)
         yield
     finally:
         fcntl.flock(handle, fcntl.LOCK_UN)

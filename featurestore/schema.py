@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files carry size and sha256 in the manifest; layers may be compacted
+READABLE_VERSIONS = (1, 2)  # version 1 stores open (files unverified) and `featurestore check --upgrade` hashes them
 MANIFEST = "featurestore.json"
 
 REGIONS = ("bos", "user_marker", "question", "assistant_marker", "think_start", "thinking", "think_end", "answer", "unknown")

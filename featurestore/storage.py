@@ -6,6 +6,7 @@ which the same writes and the manifest use through pyarrow's filesystems, and Du
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import os
 import uuid
@@ -35,7 +36,38 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path, data: bytes) -> Path:
+class HashingFile(io.RawIOBase):
+    """A write-only file that hashes the bytes on their way to ``handle``: a file's digest without reading it back."""
+
+    def __init__(self, handle):
+        super().__init__()
+        self.handle, self.digest, self.size = handle, hashlib.sha256(), 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        self.handle.write(view)
+        self.size += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self.size
+
+    def info(self) -> dict:
+        return {"size": self.size, "sha256": self.digest.hexdigest()}
+
+
+def _record(info: dict | None, size: int, sha256: str) -> None:
+    if info is not None:
+        info.update(size=size, sha256=sha256)
+
+
+def write_bytes_atomic(path, data: bytes, info: dict | None = None) -> Path:
+    """``info``, when given, receives the written bytes' size and sha256 (what the manifest records)."""
+    _record(info, len(data), hashlib.sha256(data).hexdigest())
     if is_remote(path):  # one PUT: the object appears whole or not at all
         path.write_bytes(data)
         return path
@@ -54,21 +86,28 @@ def write_bytes_atomic(path, data: bytes) -> Path:
     return path
 
 
-def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, **options) -> Path:
-    """Parquet with zstd by default; ``options`` go to ``pyarrow.parquet.write_table``."""
+def write_parquet_atomic(table: pa.Table, path: str | os.PathLike, info: dict | None = None, **options) -> Path:
+    """Parquet with zstd by default; ``options`` go to ``pyarrow.parquet.write_table``; ``info`` as in
+    ``write_bytes_atomic`` (hashed while writing, never re-read)."""
     options.setdefault("compression", "zstd")
     if is_remote(path):  # built in memory, then one PUT (a failed write leaves nothing under the name)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, **options)
-        path.write_bytes(buffer.getvalue())
+        data = buffer.getvalue()
+        _record(info, len(data), hashlib.sha256(data).hexdigest())
+        path.write_bytes(data)
         return path
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
-        pq.write_table(table, tmp, **options)
-        with open(tmp, "rb+") as handle:
+        with open(tmp, "wb") as handle:
+            sink = HashingFile(handle)
+            pq.write_table(table, sink, **options)
+            handle.flush()
             os.fsync(handle.fileno())
+        if info is not None:
+            info.update(sink.info())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

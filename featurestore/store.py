@@ -5,7 +5,7 @@ import os
 
 import duckdb
 
-from . import views
+from . import checks, views
 from .errors import UserError
 from .features import Feature
 from .manifest import Manifest
@@ -13,12 +13,14 @@ from .storage import store_path
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, progress: bool = True):
         self.path = store_path(path)
         self.manifest_obj = Manifest.load(self.path)
+        checks.quick_check(self.manifest_obj, progress)
         self.con = duckdb.connect()
         views.register(self.con, self.manifest_obj)
         self._token_texts: list[str] | None = None
+        self._verified: set[str] = set()  # files this handle re-hashed (an export verifies once, not per call)
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
@@ -30,8 +32,23 @@ class Store:
     def refresh(self) -> "Store":
         """Re-read the manifest (e.g. after another process committed chunks) and redefine the views."""
         self.manifest_obj = Manifest.load(self.path)
+        checks.quick_check(self.manifest_obj)
+        self._verified = set()
         views.register(self.con, self.manifest_obj)
         return self
+
+    def verify(self, source: str | None = None, layers: list[int] | None = None, progress: bool = True) -> None:
+        """Re-hash the files an export of (source, layers) reads: vocab, tokens, sequences and the layers'
+        activations, feature_stats and logit lens; a mismatch raises ``UserError`` naming the file."""
+        m = self.manifest_obj
+        rels = ([m.data["vocab"]] if m.data.get("vocab") else []) + m.files("tokens") + m.files("sequences")
+        for table in ("activations", "feature_stats", "logit_lens"):
+            for rel in m.files(table, source):
+                if layers is None or any(f"/layer={layer}/" in rel for layer in layers):
+                    rels.append(rel)
+        rels = [rel for rel in dict.fromkeys(rels) if rel not in self._verified]
+        checks.verify_files(m, rels, progress)
+        self._verified.update(rels)
 
     def sql(self, query: str, params=None) -> duckdb.DuckDBPyRelation:
         try:

@@ -120,7 +120,9 @@ def test_killed_driver_loses_nothing_and_rerun_resumes(tiny, ray_cluster, tmp_pa
                         progress=False, **SETTINGS)
     assert stats.chunks == 4 and stats.worker_failures == 0  # only the missing chunks ran
     final = fs.open(out).manifest
-    assert [c for c in final["chunks"] if c["chunk"] == kept[0]["chunk"]] == kept
+    unchanged = lambda c: {k: v for k, v in c.items() if k not in ("files", "hashes")} | {  # noqa: E731
+        "files": {t: c["files"][t] for t in ("tokens", "sequences")}}  # compaction took over activations, feature_stats
+    assert [unchanged(c) for c in final["chunks"] if c["chunk"] == kept[0]["chunk"]] == [unchanged(kept[0])]
     assert snapshot(out) == snapshot(tiny["store_path"])
     assert chunk_files_on_disk(out) == committed_files(out)
 

@@ -1,0 +1,136 @@
+"""Compaction changes no query result, survives SIGKILL at any point (a rerun finishes it), and keeps chunks
+committed after it readable until the next one."""
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import featurestore as fs
+from cli.main import main
+from featurestore import compaction
+from featurestore.checks import check_store
+
+VIEWS = [("activations", "SELECT * FROM activations ORDER BY source, layer, feature, seq_id, pos"),
+         ("feature_stats", """SELECT source, layer, feature, sum(n_active), sum(sum_act), max(max_act) FROM feature_stats
+                              GROUP BY ALL ORDER BY ALL"""),
+         ("features", "SELECT * FROM features ORDER BY source, layer, feature"),
+         ("tokens", "SELECT * FROM tokens ORDER BY seq_id, pos"), ("sequences", "SELECT * FROM sequences ORDER BY seq_id"),
+         ("logit_lens", "SELECT * FROM logit_lens ORDER BY source, layer, feature, side, rank"),
+         ("vocab", "SELECT * FROM vocab ORDER BY token_id"), ("source_tokens", "SELECT * FROM source_tokens ORDER BY ALL"),
+         ("top", "SELECT layer, feature, seq_id, pos, act FROM activations WHERE feature = 7 ORDER BY act DESC, seq_id, pos LIMIT 20")]
+
+
+def snapshot(path) -> dict:
+    store = fs.open(path)
+    return {name: store.sql(query).fetchall() for name, query in VIEWS}
+
+
+def activation_files(path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in (path / "activations").rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def chunked(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("chunked") / "store"
+    fs.collect(str(tiny["model"]), str(tiny["data"]), path, chunk_size=8, batch_tokens=512, progress=False, compact=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(chunked):
+    return snapshot(chunked)
+
+
+def test_compaction_changes_no_view_and_sorts_by_feature_ranges(chunked, reference, tmp_path, monkeypatch, capsys):
+    store = tmp_path / "store"
+    shutil.copytree(chunked, store)
+    monkeypatch.setattr(compaction, "GROUP_ROWS", 4000)  # many feature ranges in a tiny layer
+    assert main(["compact", str(store)]) == 0
+    assert "compacted 3 layers" in capsys.readouterr().out
+    assert snapshot(store) == reference
+    assert check_store(store, progress=False) == []
+    for layer in range(3):
+        files = [f for f in activation_files(store) if f"/layer={layer}/" in f]
+        assert files == [f"activations/source=transcoder/layer={layer}/compact-g0001-000.parquet"]
+        meta = pq.ParquetFile(store / files[0]).metadata
+        ranges = [(meta.row_group(i).column(0).statistics.min, meta.row_group(i).column(0).statistics.max)
+                  for i in range(meta.num_row_groups)]
+        assert meta.num_row_groups > 3
+        for (a_lo, a_hi), (b_lo, b_hi) in zip(ranges, ranges[1:]):  # groups hold whole features, or one big one
+            assert a_hi < b_lo or a_lo == a_hi == b_lo == b_hi
+        table = pq.read_table(store / files[0])
+        keys = list(zip(*(table.column(c).to_pylist() for c in ("feature", "seq_id", "pos"))))
+        assert keys == sorted(keys)
+    stats = fs.open(store).sql("SELECT count(*), count(DISTINCT (layer, feature)) FROM feature_stats").fetchall()
+    assert stats[0][0] == stats[0][1]  # one row per feature
+    assert main(["compact", str(store)]) == 0  # nothing left to do: no change
+    assert "compacted 0 layers" in capsys.readouterr().out
+
+
+KILL_POINTS = {
+    # after the first compacted group of layer 1 was written (layer 0 already committed)
+    "mid-layer": "orig = C._Output.write\n"
+                 "n = [0]\n"
+                 "def write(self, group):\n"
+                 "    orig(self, group)\n"
+                 "    if '/layer=1/' in self.stem:\n"
+                 "        kill()\n"
+                 "C._Output.write = write\n",
+    # a layer's manifest rewrite done, its old chunk files not yet deleted
+    "after-commit": "orig = C._commit\n"
+                    "def commit(*args):\n"
+                    "    orig(*args)\n"
+                    "    kill()\n"
+                    "C._commit = commit\n",
+    # the manifest's temporary written, not yet renamed over the manifest
+    "mid-manifest-write": "import os\n"
+                          "orig = os.replace\n"
+                          "def replace(src, dst):\n"
+                          "    if str(dst).endswith('featurestore.json'):\n"
+                          "        kill()\n"
+                          "    orig(src, dst)\n"
+                          "os.replace = replace\n",
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_sigkill_mid_compaction_then_rerun(chunked, reference, tmp_path, point):
+    store = tmp_path / "store"
+    shutil.copytree(chunked, store)
+    script = ("import os, signal\nimport featurestore.compaction as C\n"
+              "def kill():\n    os.kill(os.getpid(), signal.SIGKILL)\n"
+              "C.GROUP_ROWS = 4000\n" + KILL_POINTS[point] + f"C.compact({str(store)!r}, progress=False)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
+    assert proc.returncode == -signal.SIGKILL
+    assert snapshot(store) == reference  # old or new files in force, never a mix
+    compaction.compact(store, progress=False)
+    assert snapshot(store) == reference
+    assert check_store(store, progress=False) == []  # leftovers of the killed run are gone
+    assert all("/compact-g" in f for f in activation_files(store))
+
+
+def test_chunks_committed_after_compaction_stay_readable(tiny, reference, tmp_path):
+    store = tmp_path / "store"
+    args = dict(chunk_size=8, batch_tokens=512, progress=False)
+    fs.collect(str(tiny["model"]), str(tiny["data"]), store, stop_after_chunks=2, **args)
+    compaction.compact(store, progress=False)
+    fs.collect(str(tiny["model"]), str(tiny["data"]), store, compact=False, **args)
+    files = activation_files(store)
+    assert any("/compact-g0001-" in f for f in files) and any("/chunk-" in f for f in files)
+    assert snapshot(store) == reference
+    compaction.compact(store, progress=False)
+    assert snapshot(store) == reference
+    assert all("/compact-g0002-" in f for f in activation_files(store))
+    assert check_store(store, progress=False) == []
+
+
+def test_completed_collection_compacts(tiny, reference):
+    store = tiny["store_path"]
+    assert all("/compact-g0001-" in f for f in activation_files(store))
+    assert snapshot(store) == reference
