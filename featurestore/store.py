@@ -5,7 +5,7 @@ import os
 
 import duckdb
 
-from . import views
+from . import readonly, views
 from .errors import UserError
 from .features import Feature
 from .manifest import Manifest
@@ -16,12 +16,21 @@ class Store:
     def __init__(self, path: str | os.PathLike):
         self.path = store_path(path)
         self.manifest_obj = Manifest.load(self.path)
-        self.con = duckdb.connect()
-        views.register(self.con, self.manifest_obj)
+        self._con: duckdb.DuckDBPyConnection | None = None  # made on first use: `featurestore sql` never needs it
         self._token_texts: list[str] | None = None
+        self._reader: duckdb.DuckDBPyConnection | None = None  # Store.sql's own locked connection, made on first use
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The library's own connection with every view (exports and the API read through it)."""
+        if self._con is None:
+            con = duckdb.connect()
+            views.register(con, self.manifest_obj)
+            self._con = con
+        return self._con
 
     @property
     def manifest(self) -> dict:
@@ -30,12 +39,22 @@ class Store:
     def refresh(self) -> "Store":
         """Re-read the manifest (e.g. after another process committed chunks) and redefine the views."""
         self.manifest_obj = Manifest.load(self.path)
-        views.register(self.con, self.manifest_obj)
+        if self._con is not None:
+            views.register(self._con, self.manifest_obj)
+        if self._reader is not None:
+            views.register(self._reader, self.manifest_obj)
         return self
 
     def sql(self, query: str, params=None) -> duckdb.DuckDBPyRelation:
+        """Run a read-only query over the store's views (and any local file it names); statements that could write,
+        attach, install or reconfigure are refused with a ``UserError`` (see ``featurestore.readonly``)."""
+        readonly.check_read_only(query)
         try:
-            return self.con.sql(query, params=params)
+            if self._reader is None:
+                reader = duckdb.connect()
+                views.register(reader, self.manifest_obj)
+                self._reader = readonly.lock(reader)
+            return self._reader.sql(query, params=params)
         except duckdb.Error as exc:
             raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from None
 
