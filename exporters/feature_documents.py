@@ -61,7 +61,10 @@ def _window_activity(block: BlockRows, selection: Selection, lo: np.ndarray, hi:
     total = int(counts.sum())
     matched = np.repeat(first - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(total)
     owner = np.repeat(np.arange(len(first)), counts)
-    return offsets[owner] + block.pos[matched] - lo[owner], block.act[matched]
+    at, values = offsets[owner] + block.pos[matched] - lo[owner], block.act[matched]
+    last = np.ones(len(at), dtype=bool)  # a damaged store may hold a row twice: one value per token, the last
+    last[:-1] = at[1:] != at[:-1]
+    return (at, values) if last.all() else (at[last], values[last])
 
 
 def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex | Callable[[np.ndarray], TokenIndex],

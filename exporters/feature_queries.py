@@ -109,12 +109,17 @@ def fetch_block(store, source: str, layer: int, features: np.ndarray, seed: int)
     seen = np.bincount(feature_col - lowest, minlength=int(features[-1]) - lowest + 1) > 0
     present = np.flatnonzero(seen) + lowest
     rank = (np.cumsum(seen) - 1)[feature_col - lowest]  # a lookup table: cheaper than unique + searchsorted
+    act = np.asarray(rows["act"], dtype=np.float32)
+    finite = np.isfinite(act)
+    if not finite.all():  # one reduction per block; JSON cannot carry NaN or Infinity
+        raise UserError(f"the store holds non-finite activations (NaN or Infinity) of {source} layer {layer}, feature "
+                        f"{int(feature_col[np.argmin(finite)])}: recollect it (collection now refuses them)")
     keys = row_key(rank, seq, pos)
     order = np.argsort(keys, kind="stable")  # files arrive as sorted runs, which a stable sort merges fast
     starts = np.zeros(len(present) + 1, dtype=np.int64)
     np.cumsum(np.bincount(rank, minlength=len(present)), out=starts[1:])  # no key for rank len(present): it may not fit
     return BlockRows(source=source, layer=layer, features=present, starts=starts, seq=seq[order], pos=pos[order],
-                     act=np.asarray(rows["act"], dtype=np.float32)[order], key=np.asarray(rows["key"], dtype=np.uint64)[order],
+                     act=act[order], key=np.asarray(rows["key"], dtype=np.uint64)[order],
                      row_key=keys[order], logits=logits, total_tokens=source_total_tokens(store, source))
 
 
