@@ -115,7 +115,10 @@ def fetch_block(store, source: str, layer: int, features: np.ndarray, seed: int)
         raise UserError(f"the store holds non-finite activations (NaN or Infinity) of {source} layer {layer}, feature "
                         f"{int(feature_col[np.argmin(finite)])}: recollect it (collection now refuses them)")
     keys = row_key(rank, seq, pos)
-    order = np.argsort(keys, kind="stable")  # files arrive as sorted runs, which a stable sort merges fast
+    if len(keys) < 2 or bool((keys[1:] >= keys[:-1]).all()):  # one sorted file (a compacted layer): no sort
+        order = np.arange(len(keys))
+    else:  # files arrive as sorted runs, which a stable sort (timsort) merges in O(n log runs)
+        order = np.argsort(keys, kind="stable")
     starts = np.zeros(len(present) + 1, dtype=np.int64)
     np.cumsum(np.bincount(rank, minlength=len(present)), out=starts[1:])  # no key for rank len(present): it may not fit
     return BlockRows(source=source, layer=layer, features=present, starts=starts, seq=seq[order], pos=pos[order],
