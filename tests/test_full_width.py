@@ -88,3 +88,15 @@ def test_metadata_command_of_a_full_width_layer(wide, tmp_path):
     live = store.sql("SELECT count(*) FROM features WHERE layer = 0").fetchall()[0][0]
     assert len(metadata["features"]) == live
     assert np.isfinite([m.get("activation_frequency", 0.0) for m in metadata["features"]]).all()
+
+
+def test_packed_key_parts_are_checked_not_overflowed():
+    from exporters.feature_queries import POS_BITS, row_key
+    from featurestore.errors import UserError
+
+    key = row_key(np.array([MAX_BLOCK_FEATURES - 1]), np.array([2**31 - 1]), np.array([2**POS_BITS - 1]))
+    assert key[0] == 2**63 - 1  # the largest parts fill the 63 bits exactly, still positive
+    with pytest.raises(UserError, match="token position 1048576 is outside 0..1048575"):
+        row_key(np.array([0]), np.array([0]), np.array([2**POS_BITS]))
+    with pytest.raises(UserError, match="feature rank in a block 4096"):
+        row_key(np.array([MAX_BLOCK_FEATURES]), np.array([0]), np.array([0]))
