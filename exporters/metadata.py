@@ -157,6 +157,14 @@ def _feature_rows(counts: dict, layer: int, totals, is_neuron: bool) -> list[dic
 
 def feature_metadata(store, source: str = "transcoder", layers: list[int] | None = None) -> dict:
     """The whole ``feature_metadata.json`` document."""
+    rows: list[dict] = []
+    document = _metadata(store, source, layers, rows.extend)
+    document["features"].extend(rows)
+    return document
+
+
+def _metadata(store, source: str, layers: list[int] | None, add_rows) -> dict:
+    """The document with an empty ``features`` list; each layer's rows go to ``add_rows`` as they are counted."""
     from .feature_json import check_source
 
     layers = check_source(store, source, layers)
@@ -171,18 +179,30 @@ def feature_metadata(store, source: str = "transcoder", layers: list[int] | None
             document["is_neuron_baseline"] = True
         for layer in layers:
             counts = _layer_counts(con, store, source, layer, tokens)
-            document["features"].extend(_feature_rows(counts, layer, (total, per_domain, per_region, bins), source == "neuron"))
+            add_rows(_feature_rows(counts, layer, (total, per_domain, per_region, bins), source == "neuron"))
     finally:
         con.close()
     return document
 
 
+def _dumps(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def metadata_bytes(store, source: str = "transcoder", layers: list[int] | None = None) -> bytes:
+    """``json.dumps(feature_metadata(...))`` byte for byte, without holding every feature's dict: each layer's rows
+    become text as soon as they are counted (the dicts of 229k features took most of the peak memory)."""
+    texts: list[str] = []
+    document = _metadata(store, source, layers, lambda rows: texts.append(",".join(map(_dumps, rows))))
+    head, tail = _dumps(document).split('"features":[]', 1)
+    return "".join([head, '"features":[', ",".join(t for t in texts if t), "]", tail]).encode("ascii")
+
+
 def export_metadata(store, out_dir: str | os.PathLike, *, source: str = "transcoder", layers: list[int] | None = None) -> Path:
     """Write ``out_dir/feature_metadata.json`` atomically; returns its path."""
     path = Path(out_dir) / "feature_metadata.json"
-    document = feature_metadata(store, source, layers)
+    data = metadata_bytes(store, source, layers)
     ensure_writable_parent(path)
-    data = json.dumps(document, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
     from featurestore.errors import UserError
 
     try:
