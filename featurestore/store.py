@@ -48,12 +48,12 @@ class Store:
     def sql(self, query: str, params=None) -> duckdb.DuckDBPyRelation:
         """Run a read-only query over the store's views (and any local file it names); statements that could write,
         attach, install or reconfigure are refused with a ``UserError`` (see ``featurestore.readonly``)."""
-        readonly.check_read_only(query)
+        if self._reader is None:
+            reader = duckdb.connect()
+            views.register(reader, self.manifest_obj)
+            self._reader = readonly.lock(reader)
+        readonly.check_read_only(query, self._reader)
         try:
-            if self._reader is None:
-                reader = duckdb.connect()
-                views.register(reader, self.manifest_obj)
-                self._reader = readonly.lock(reader)
             return self._reader.sql(query, params=params)
         except duckdb.Error as exc:
             raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from None
