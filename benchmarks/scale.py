@@ -254,6 +254,10 @@ def extrapolate(small: dict, large: dict) -> None:
         t0, t1 = small[f"{kind}_s"], large[f"{kind}_s"]
         b = (t1 - t0) / (per_layer[1] - per_layer[0])
         a = t0 - b * per_layer[0]
+        if a < 0 or b <= 0:
+            print(f"  {kind:8s}: the two sizes do not fit t = a + b*acts (a={a:.2f} s, b={b * 1e6:.3f} us): "
+                  "too noisy or too small to extrapolate; rerun with more --runs or larger --sizes")
+            continue
         for total in (1e9, 7e9):
             layer_acts = total / N_LAYERS
             print(f"  {kind:8s} {total:.0e}: 28 x ({a:.2f} s + {b * 1e6:.3f} us x {layer_acts:.3g}) = "
