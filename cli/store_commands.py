@@ -73,7 +73,12 @@ def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, dev
 @click.option("--output", "-o", type=click.Path(dir_okay=False), default=None, help="Write to a file instead of stdout.")
 @click.option("--max-rows", type=int, default=40, show_default=True, help="Rows shown by --format table.")
 def sql(store, query, fmt, output, max_rows):
-    """Run a SQL QUERY over the store's views (activations, tokens, sequences, logit_lens, features, ...)."""
+    """Run a read-only SQL QUERY over the store's views (activations, tokens, sequences, logit_lens, features, ...).
+
+    Queries may also read other local files (read_parquet, read_csv, ...). Statements that would write, attach,
+    create, install or load extensions, or change settings (COPY, ATTACH, CREATE, INSTALL, SET, ...) are refused;
+    write a result with --output instead. No query reaches the network. With --format csv, nested values (lists,
+    structs, maps) are written as JSON text."""
     from featurestore.output import write_relation
 
     write_relation(fs.open(store).sql(query), fmt, output, max_rows)

@@ -14,7 +14,7 @@ import numpy as np
 
 from .example_selection import Selection, select_examples
 from .document_text import activation_lists, float_texts, repeated_windows, round_significant, window_token_texts
-from .feature_queries import BlockRows
+from .feature_queries import BlockRows, row_key
 from .token_index import TokenIndex
 
 _encode = json.encoder.encode_basestring_ascii  # what json.dumps(ensure_ascii=True) uses for str
@@ -54,15 +54,17 @@ class Vocabulary:
 def _window_activity(block: BlockRows, selection: Selection, lo: np.ndarray, hi: np.ndarray,
                      offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Where this feature's stored activations fall in the flat window positions (ascending), and their values."""
-    key = block.row_key
-    base = (selection.rank.astype(np.int64) << 51) | (block.seq[selection.row] << 20)
-    first = np.searchsorted(key, base | lo, side="left")
-    last = np.searchsorted(key, base | hi, side="right")
+    key, rank, seq = block.row_key, selection.rank, block.seq[selection.row]
+    first = np.searchsorted(key, row_key(rank, seq, lo), side="left")
+    last = np.searchsorted(key, row_key(rank, seq, hi), side="right")
     counts = last - first
     total = int(counts.sum())
     matched = np.repeat(first - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts) + np.arange(total)
     owner = np.repeat(np.arange(len(first)), counts)
-    return offsets[owner] + block.pos[matched] - lo[owner], block.act[matched]
+    at, values = offsets[owner] + block.pos[matched] - lo[owner], block.act[matched]
+    last = np.ones(len(at), dtype=bool)  # a damaged store may hold a row twice: one value per token, the last
+    last[:-1] = at[1:] != at[:-1]
+    return (at, values) if last.all() else (at[last], values[last])
 
 
 def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex | Callable[[np.ndarray], TokenIndex],

@@ -13,9 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from featurestore import schema, views
+from featurestore.errors import UserError
 
 BLOCK_ROWS = 1_000_000  # activations per block: bounds memory, amortises each scan of the layer's files
-MAX_BLOCK_FEATURES = 4096  # keeps the packed (feature rank, seq_id, pos) sort key within 63 bits
+# The packed row key (feature rank in the block << 51 | seq_id << 20 | pos) must stay within 63 bits of int64:
+RANK_BITS, SEQ_BITS, POS_BITS = 12, 31, 20
+MAX_BLOCK_FEATURES = 1 << RANK_BITS  # ranks 0..4095; larger layers are cut into more blocks
 
 
 def random_key_sql(seed: int) -> str:
@@ -34,9 +37,21 @@ class BlockRows:
     pos: np.ndarray  # (N,) int64
     act: np.ndarray  # (N,) float32
     key: np.ndarray  # (N,) uint64 seeded sample key
-    row_key: np.ndarray  # (N,) int64 (feature rank << 51 | seq_id << 20 | pos), ascending: for window lookups
+    row_key: np.ndarray  # (N,) int64 packed by ``row_key`` (feature rank, seq_id, pos), ascending: for window lookups
     logits: dict  # (feature, side) -> token ids by rank
     total_tokens: int
+
+
+def row_key(rank: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
+    """(rank << 51) | (seq_id << 20) | pos as int64, refusing any part beyond its bits (which would overflow or
+    collide silently)."""
+    rank, seq, pos = (np.asarray(a, dtype=np.int64) for a in (rank, seq, pos))
+    for name, values, bits in (("feature rank in a block", rank, RANK_BITS), ("seq_id", seq, SEQ_BITS),
+                               ("token position", pos, POS_BITS)):
+        if values.size and (int(values.max()) >= 1 << bits or int(values.min()) < 0):
+            raise UserError(f"{name} {int(values.max()) if int(values.max()) >= 0 else int(values.min())} is outside "
+                            f"0..{(1 << bits) - 1}, the range exports support")
+    return (rank << (SEQ_BITS + POS_BITS)) | (seq << POS_BITS) | pos
 
 
 def files_of(store, table: str, source: str, layer: int | None) -> list[str]:
@@ -90,19 +105,25 @@ def fetch_block(store, source: str, layer: int, features: np.ndarray, seed: int)
     if len(feature_col) == 0:
         return None
     seq, pos = np.asarray(rows["seq_id"], dtype=np.int64), np.asarray(rows["pos"], dtype=np.int64)
-    if int(pos.max()) >= 1 << 20 or int(seq.max()) >= 1 << 31:
-        raise ValueError("positions beyond 2**20 or seq_ids beyond 2**31 do not fit the block sort key")
     lowest = int(features[0])
     seen = np.bincount(feature_col - lowest, minlength=int(features[-1]) - lowest + 1) > 0
     present = np.flatnonzero(seen) + lowest
     rank = (np.cumsum(seen) - 1)[feature_col - lowest]  # a lookup table: cheaper than unique + searchsorted
-    row_key = (rank << 51) | (seq << 20) | pos
-    order = np.argsort(row_key, kind="stable")  # files arrive as sorted runs, which a stable sort merges fast
-    row_key = row_key[order]
-    starts = np.searchsorted(row_key, np.arange(len(present) + 1, dtype=np.int64) << 51)
+    act = np.asarray(rows["act"], dtype=np.float32)
+    finite = np.isfinite(act)
+    if not finite.all():  # one reduction per block; JSON cannot carry NaN or Infinity
+        raise UserError(f"the store holds non-finite activations (NaN or Infinity) of {source} layer {layer}, feature "
+                        f"{int(feature_col[np.argmin(finite)])}: recollect it (collection now refuses them)")
+    keys = row_key(rank, seq, pos)
+    if len(keys) < 2 or bool((keys[1:] >= keys[:-1]).all()):  # one sorted file (a compacted layer): no sort
+        order = np.arange(len(keys))
+    else:  # files arrive as sorted runs, which a stable sort (timsort) merges in O(n log runs)
+        order = np.argsort(keys, kind="stable")
+    starts = np.zeros(len(present) + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rank, minlength=len(present)), out=starts[1:])  # no key for rank len(present): it may not fit
     return BlockRows(source=source, layer=layer, features=present, starts=starts, seq=seq[order], pos=pos[order],
-                     act=np.asarray(rows["act"], dtype=np.float32)[order], key=np.asarray(rows["key"], dtype=np.uint64)[order],
-                     row_key=row_key, logits=logits, total_tokens=source_total_tokens(store, source))
+                     act=act[order], key=np.asarray(rows["key"], dtype=np.uint64)[order],
+                     row_key=keys[order], logits=logits, total_tokens=source_total_tokens(store, source))
 
 
 def _only(rows: dict, features: np.ndarray) -> dict:

@@ -1,5 +1,6 @@
 """``feature_metadata.json`` in the original schema: token totals and per-feature domain / region / thinking-position
-densities and fractions, computed with one grouped join per layer.
+densities and fractions: the tokens' region and thinking bin are loaded once, then each layer is one streamed scan
+counted with array lookups (no join per layer; memory flat in the store size).
 
 Definitions (as the original): ``*_density[k] = activations in k / tokens in k``, ``*_fraction[k] = activations in k /
 all activations of the feature``; the thinking fraction divides by the feature's activations that have a thinking
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+
+import numpy as np
 
 from featurestore import schema, views
 from featurestore.ids import cantor
@@ -40,55 +43,102 @@ def source_sequence_filter(store, source: str, column: str = "seq_id") -> str:
     return "(" + " OR ".join(f"({column} >= {a} AND {column} < {b})" for a, b in merged) + ")" if merged else "false"
 
 
-def _token_totals(con, store, keep: str) -> tuple[dict, dict, list[int]]:
-    tokens = f"(SELECT * FROM {tokens_scan(store)} WHERE {keep})"
+class TokenAttributes:
+    """Region code and thinking bin of every kept token, in flat (seq_id, pos) arrays: loaded with one scan of
+    ``tokens`` per export (2 bytes per token), so each layer's counts need no join, only array lookups."""
+
+    def __init__(self, con, store, keep: str):
+        columns = con.execute(f"""SELECT seq_id, pos, coalesce(list_position({views.sql_list(list(schema.REGIONS))},
+                                         region::VARCHAR), 0)::TINYINT - 1 AS region, coalesce({BIN_SQL}, -1) AS bin
+                                  FROM {tokens_scan(store)} WHERE {keep}""").fetchnumpy()
+        seq, pos = np.asarray(columns["seq_id"], dtype=np.int64), np.asarray(columns["pos"], dtype=np.int64)
+        size = int(seq.max()) + 1 if len(seq) else 0
+        self.seq_len = np.bincount(seq, minlength=size).astype(np.int64)
+        self.seq_start = np.cumsum(self.seq_len) - self.seq_len
+        flat = self.seq_start[seq] + pos
+        self.region = np.full(len(flat), -1, dtype=np.int8)
+        self.region[flat] = np.asarray(columns["region"], dtype=np.int8)
+        self.bin = np.full(len(flat), -1, dtype=np.int8)
+        self.bin[flat] = np.asarray(columns["bin"], dtype=np.int8)
+        domains = con.execute(f"SELECT seq_id, domain FROM sequences WHERE {keep}").fetchall()
+        self.domain_names = sorted({d for _, d in domains}, key=lambda d: (d is None, d or ""))
+        codes = {d: i for i, d in enumerate(self.domain_names)}
+        self.domain = np.full(max(size, max((q for q, _ in domains), default=-1) + 1), -1, dtype=np.int16)
+        for seq_id, name in domains:
+            self.domain[seq_id] = codes[name]
+
+    def totals(self) -> tuple[dict, list[int]]:
+        """(tokens per region, tokens per thinking bin), as the original counts them."""
+        per_region = np.bincount(self.region[self.region >= 0], minlength=len(schema.REGIONS))
+        bins = np.bincount(self.bin[self.bin >= 0], minlength=N_BINS)
+        return ({name: int(per_region[i]) for i, name in enumerate(schema.REGIONS) if per_region[i]},
+                [int(n) for n in bins[:N_BINS]])
+
+
+def _token_totals(con, store, keep: str) -> tuple[dict, dict, list[int], TokenAttributes]:
     per_domain = dict(con.execute(f"SELECT domain, sum(n_tokens)::BIGINT FROM sequences WHERE {keep} "
                                   "GROUP BY domain ORDER BY domain").fetchall())
-    per_region = dict(con.execute(f"SELECT region::VARCHAR, count(*) FROM {tokens} t GROUP BY 1").fetchall())
-    per_region = {name: per_region[name] for name in schema.REGIONS if per_region.get(name)}
-    bins = [0] * N_BINS
-    for b, n in con.execute(f"SELECT {BIN_SQL} AS b, count(*) FROM {tokens} t WHERE thinking_pos IS NOT NULL GROUP BY b").fetchall():
-        bins[b] = n
-    return per_domain, per_region, bins
+    attributes = TokenAttributes(con, store, keep)
+    per_region, bins = attributes.totals()
+    return per_domain, per_region, bins, attributes
 
 
-_ALL, _BY_DOMAIN, _BY_REGION, _BY_BIN = 7, 3, 5, 6  # grouping(domain, region, bin): a set bit = rolled up
+SCAN_BATCH = 4_000_000  # activations per streamed batch: bounds memory at any store size
 
 
-def _layer_counts(con, store, source: str, layer: int, keep: str):
-    """(feature, grouping id, key, count) rows: totals and counts by domain, region and thinking bin, in one join."""
+def _grow(counts: np.ndarray, size: int) -> np.ndarray:
+    return counts if len(counts) >= size else np.concatenate([counts, np.zeros(size - len(counts), counts.dtype)])
+
+
+def _layer_counts(con, store, source: str, layer: int, tokens: TokenAttributes) -> dict:
+    """Per feature: total, by domain, by region and by thinking bin, from one streamed scan of the layer (an
+    activation counts where its token and sequence are kept, as the join did)."""
     scan = views.activation_scan(store.manifest_obj, source, layer)
-    bin_sql = BIN_SQL.replace("thinking_pos", "t.thinking_pos")
-    return con.execute(f"""
-        SELECT a.feature, grouping(s.domain, t.region, {bin_sql}) AS gid, s.domain, t.region::VARCHAR, {bin_sql}, count(*)
-        FROM {scan} a
-        JOIN {tokens_scan(store)} t ON t.seq_id = a.seq_id AND t.pos = a.pos
-        JOIN sequences s ON s.seq_id = a.seq_id
-        WHERE {keep}
-        GROUP BY GROUPING SETS ((a.feature), (a.feature, s.domain), (a.feature, t.region), (a.feature, {bin_sql}))
-        ORDER BY a.feature""").fetchall()
+    n_domains, n_regions = len(tokens.domain_names), len(schema.REGIONS)
+    total = by_domain = by_region = by_bin = np.zeros(0, dtype=np.int64)
+    n_seqs = len(tokens.seq_len)
+    reader = con.sql(f"SELECT feature, seq_id, pos FROM {scan}").to_arrow_reader(SCAN_BATCH)
+    for batch in reader:
+        feature = batch.column(0).to_numpy().astype(np.int64)
+        seq = batch.column(1).to_numpy().astype(np.int64)
+        pos = batch.column(2).to_numpy().astype(np.int64)
+        known = (seq < n_seqs) & (seq < len(tokens.domain))
+        known[known] &= (pos[known] < tokens.seq_len[seq[known]]) & (tokens.domain[seq[known]] >= 0)
+        if not known.all():
+            feature, seq, pos = feature[known], seq[known], pos[known]
+        if not len(feature):
+            continue
+        flat = tokens.seq_start[seq] + pos
+        size = int(feature.max()) + 1
+        total = _grow(total, size)
+        total[:size] += np.bincount(feature, minlength=size)
+        by_domain = _grow(by_domain, size * n_domains)
+        by_domain[:size * n_domains] += np.bincount(feature * n_domains + tokens.domain[seq], minlength=size * n_domains)
+        region = tokens.region[flat].astype(np.int64)
+        by_region = _grow(by_region, size * n_regions)
+        has = region >= 0
+        by_region[:size * n_regions] += np.bincount(feature[has] * n_regions + region[has], minlength=size * n_regions)
+        bin_ = tokens.bin[flat].astype(np.int64)
+        has = bin_ >= 0
+        by_bin = _grow(by_bin, size * N_BINS)
+        by_bin[:size * N_BINS] += np.bincount(feature[has] * N_BINS + bin_[has], minlength=size * N_BINS)
+    size = len(total)
+    return {"total": total, "domain": _grow(by_domain, size * n_domains).reshape(size, n_domains),
+            "region": _grow(by_region, size * n_regions).reshape(size, n_regions),
+            "bin": _grow(by_bin, size * N_BINS).reshape(size, N_BINS), "domain_names": tokens.domain_names}
 
 
-def _feature_rows(rows, layer: int, totals, is_neuron: bool) -> list[dict]:
+def _feature_rows(counts: dict, layer: int, totals, is_neuron: bool) -> list[dict]:
     total_tokens, per_domain, per_region, bins = totals
-    by_feature: dict[int, dict] = {}
-    for feature, gid, domain, region, bin_, n in rows:
-        entry = by_feature.setdefault(feature, {"count": 0, "domain": {}, "region": {}, "bins": [0] * N_BINS})
-        if gid == _ALL:
-            entry["count"] = n
-        elif gid == _BY_DOMAIN:
-            entry["domain"][domain] = n
-        elif gid == _BY_REGION:
-            entry["region"][region] = n
-        elif gid == _BY_BIN and bin_ is not None:  # the null bin holds activations without a thinking position
-            entry["bins"][bin_] = n
     out = []
-    for feature in sorted(by_feature):
-        entry = by_feature[feature]
-        count = entry["count"]
-        domains = {d: entry["domain"][d] for d in sorted(entry["domain"]) if entry["domain"][d]}
-        regions = {r: entry["region"][r] for r in schema.REGIONS if entry["region"].get(r)}
-        thinking = sum(entry["bins"])
+    for feature in np.flatnonzero(counts["total"]).tolist():
+        count = int(counts["total"][feature])
+        domain_counts, region_counts = counts["domain"][feature].tolist(), counts["region"][feature].tolist()
+        named = sorted((d, n) for d, n in zip(counts["domain_names"], domain_counts) if n)
+        domains = {d: n for d, n in named}
+        regions = {r: region_counts[i] for i, r in enumerate(schema.REGIONS) if region_counts[i]}
+        feature_bins = counts["bin"][feature].tolist()
+        thinking = sum(feature_bins)
         row = {
             "layer": layer, "feature": feature, "cantor_id": cantor(layer, feature),
             "activation_count": count, "activation_freq": count / total_tokens,
@@ -96,8 +146,8 @@ def _feature_rows(rows, layer: int, totals, is_neuron: bool) -> list[dict]:
             "domain_fraction": {d: n / count for d, n in domains.items()},
             "region_density": {r: n / per_region[r] for r, n in regions.items()},
             "region_fraction": {r: n / count for r, n in regions.items()},
-            "thinking_position_density": [n / bins[b] if bins[b] else 0.0 for b, n in enumerate(entry["bins"])],
-            "thinking_position_fraction": [n / thinking if thinking else 0.0 for n in entry["bins"]],
+            "thinking_position_density": [n / bins[b] if bins[b] else 0.0 for b, n in enumerate(feature_bins)],
+            "thinking_position_fraction": [n / thinking if thinking else 0.0 for n in feature_bins],
         }
         if is_neuron:
             row["is_neuron"] = True
@@ -107,32 +157,52 @@ def _feature_rows(rows, layer: int, totals, is_neuron: bool) -> list[dict]:
 
 def feature_metadata(store, source: str = "transcoder", layers: list[int] | None = None) -> dict:
     """The whole ``feature_metadata.json`` document."""
+    rows: list[dict] = []
+    document = _metadata(store, source, layers, rows.extend)
+    document["features"].extend(rows)
+    return document
+
+
+def _metadata(store, source: str, layers: list[int] | None, add_rows) -> dict:
+    """The document with an empty ``features`` list; each layer's rows go to ``add_rows`` as they are counted."""
     from .feature_json import check_source
 
     layers = check_source(store, source, layers)
     keep = source_sequence_filter(store, source)
     con = store.con.cursor()
     try:
-        per_domain, per_region, bins = _token_totals(con, store, keep)
+        per_domain, per_region, bins, tokens = _token_totals(con, store, keep)
         total = source_total_tokens(store, source)
         document: dict = {"total_tokens": total, "tokens_per_domain": per_domain, "tokens_per_region": per_region,
                           "tokens_per_thinking_bin": bins, "features": []}
         if source == "neuron":
             document["is_neuron_baseline"] = True
         for layer in layers:
-            rows = _layer_counts(con, store, source, layer, source_sequence_filter(store, source, "a.seq_id"))
-            document["features"].extend(_feature_rows(rows, layer, (total, per_domain, per_region, bins), source == "neuron"))
+            counts = _layer_counts(con, store, source, layer, tokens)
+            add_rows(_feature_rows(counts, layer, (total, per_domain, per_region, bins), source == "neuron"))
     finally:
         con.close()
     return document
 
 
+def _dumps(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def metadata_bytes(store, source: str = "transcoder", layers: list[int] | None = None) -> bytes:
+    """``json.dumps(feature_metadata(...))`` byte for byte, without holding every feature's dict: each layer's rows
+    become text as soon as they are counted (the dicts of 229k features took most of the peak memory)."""
+    texts: list[str] = []
+    document = _metadata(store, source, layers, lambda rows: texts.append(",".join(map(_dumps, rows))))
+    head, tail = _dumps(document).split('"features":[]', 1)
+    return "".join([head, '"features":[', ",".join(t for t in texts if t), "]", tail]).encode("ascii")
+
+
 def export_metadata(store, out_dir: str | os.PathLike, *, source: str = "transcoder", layers: list[int] | None = None) -> Path:
     """Write ``out_dir/feature_metadata.json`` atomically; returns its path."""
     path = Path(out_dir) / "feature_metadata.json"
-    document = feature_metadata(store, source, layers)
+    data = metadata_bytes(store, source, layers)
     ensure_writable_parent(path)
-    data = json.dumps(document, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
     from featurestore.errors import UserError
 
     try:

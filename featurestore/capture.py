@@ -10,12 +10,39 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import UserError
+
 NEURON_TOP_K = 20
 NEURON_MIN_ACT = 0.01
 
 
 class StopForward(Exception):
     """Raised after the last requested layer so later layers (and the LM head) are not computed."""
+
+
+def nonfinite_tensors(model, last_layer: int) -> list[str]:
+    """Names of the checkpoint tensors a collection up to ``last_layer`` uses (embeddings, those layers, final norm
+    and LM head for the logit lens) that hold NaN or Infinity: one reduction per tensor, before anything is written."""
+    wanted = ("model.embed_tokens.", "model.norm.", "lm_head.") + tuple(f"model.layers.{i}." for i in range(last_layer + 1))
+    return [name for name, tensor in model.named_parameters()
+            if name.startswith(wanted) and not bool(torch.isfinite(tensor).all())]
+
+
+def refuse_nonfinite_weights(model, last_layer: int) -> None:
+    bad = nonfinite_tensors(model, last_layer)
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        layer = next((int(n.split(".")[2]) for n in bad if n.startswith("model.layers.")), None)
+        where = f"layer {layer}: " if layer is not None else ""
+        raise UserError(f"{where}checkpoint tensor {bad[0]}{more} holds NaN or Infinity; refusing to collect "
+                        "non-finite activations (nothing of it was committed)")
+
+
+def refuse_nonfinite_activations(model, source: str, layer: int) -> None:
+    """Names the weights when they are at fault (checked only now, on the error path)."""
+    refuse_nonfinite_weights(model, layer)
+    raise UserError(f"non-finite {source} activations (NaN or Infinity) at layer {layer}, although the checkpoint's "
+                    "tensors are finite (an overflow of --dtype? try float32); this chunk was not committed")
 
 
 class LayerAccumulator:
@@ -59,7 +86,8 @@ class Capture:
 
     source: str
 
-    def __init__(self, layers: list[int]):
+    def __init__(self, model, layers: list[int]):
+        self.model = model
         self.layers = sorted(layers)
         self.last_layer = self.layers[-1]
         self.seq_ids: torch.Tensor | None = None  # (B,) int32 on the device
@@ -76,16 +104,17 @@ class Capture:
         self._handles = []
 
     def _emit(self, layer: int, b: torch.Tensor, t: torch.Tensor, f: torch.Tensor, act: torch.Tensor) -> None:
-        self.acc[layer].add_rows(
-            f.to(torch.int32).cpu(), self.seq_ids[b].cpu(), t.to(torch.int32).cpu(), act.to(torch.float32).cpu()
-        )
+        act = act.to(torch.float32).cpu()
+        if not bool(torch.isfinite(act).all()):  # one reduction per batch and layer, over the few rows kept, on the host
+            refuse_nonfinite_activations(self.model, self.source, layer)
+        self.acc[layer].add_rows(f.to(torch.int32).cpu(), self.seq_ids[b].cpu(), t.to(torch.int32).cpu(), act)
 
 
 class TranscoderCapture(Capture):
     source = "transcoder"
 
     def __init__(self, model, layers: list[int]):
-        super().__init__(layers)
+        super().__init__(model, layers)
         adapters = [layer.mlp for layer in model.model.layers]
         n_features = adapters[0].transcoder_enc.out_features
         self.acc = {layer: LayerAccumulator(n_features) for layer in self.layers}
@@ -116,7 +145,7 @@ class NeuronCapture(Capture):
     source = "neuron"
 
     def __init__(self, model, layers: list[int], neurons: dict[int, list[int]]):
-        super().__init__(layers)
+        super().__init__(model, layers)
         self.neurons = {layer: torch.as_tensor(neurons[layer], dtype=torch.long) for layer in self.layers}
         self.acc = {layer: LayerAccumulator(len(neurons[layer])) for layer in self.layers}
         for layer in self.layers:
@@ -133,6 +162,8 @@ class NeuronCapture(Capture):
         index = self.neurons[layer].to(hidden.device)
         acts = hidden.index_select(-1, index).float()  # (B, T, n)
         valid = self.valid[:, :, None]
+        if not bool((torch.isfinite(acts) | ~valid).all()):  # NaN is never > 0: it would vanish from rows and counts
+            refuse_nonfinite_activations(self.model, self.source, layer)
         positive = (acts > 0) & valid
         acc = self.acc[layer]
         acc.count += positive.sum(dim=(0, 1)).cpu().numpy()

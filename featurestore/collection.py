@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .collect_options import CollectOptions, check_options, parse_layers  # noqa: F401 (re-exported)
-from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, sample_neurons
+from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, refuse_nonfinite_weights, sample_neurons
 from .data import Dataset, adds_special_tokens, format_text, open_dataset
 from .errors import UserError
 from .logit_lens import logit_lens_table, neuron_directions, transcoder_directions
@@ -232,6 +232,7 @@ def collect(model: str, data: str, store: str | Path, **options):
                            require_adapter=opts.source == "transcoder")
     tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
     info, layers, source_settings, neurons = describe_model(ckpt, tokenizer, opts, device)
+    refuse_nonfinite_weights(net, max(layers))
     data_info, settings = describe_data(data, dataset, opts)
 
     with writer_lock(store_dir):

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from .collection import (ChunkCollector, CollectOptions, _all_done, _n_rows, _prepare_store, check_options, describe_data,
                       describe_model, finish_collection, record_static_tables, start_run, write_static_tables)
+from .capture import refuse_nonfinite_weights
 from .data import open_dataset
 from .errors import UserError
 from .manifest import Manifest, now, writer_lock
@@ -84,6 +85,7 @@ class CollectWorker:
                                          require_adapter=self.opts.source == "transcoder")
         self.tokenizer = load_tokenizer(self.opts.tokenizer or self.ckpt.path)
         self.info, self.layers, self.source_settings, self.neurons = describe_model(self.ckpt, self.tokenizer, self.opts, self.device)
+        refuse_nonfinite_weights(self.net, max(self.layers))  # before the driver writes anything
         self.collector = ChunkCollector(self.root, self.net, self.tokenizer, self.opts, self.layers, self.neurons, self.device)
         self.fail_after_chunks = fail_after_chunks
         self.done = 0

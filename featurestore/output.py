@@ -9,6 +9,18 @@ import duckdb
 from .errors import UserError
 
 
+def csv_flat(rel: duckdb.DuckDBPyRelation) -> duckdb.DuckDBPyRelation:
+    """CSV cells cannot hold lists, structs or maps: those columns are written as their JSON text."""
+    nested = ("STRUCT", "MAP", "UNION")
+    columns = []
+    for name, kind in zip(rel.columns, rel.types):
+        quoted = '"' + name.replace('"', '""') + '"'
+        text = str(kind)
+        is_nested = text.startswith(nested) or text.endswith("]")
+        columns.append(f"to_json({quoted})::VARCHAR AS {quoted}" if is_nested else quoted)
+    return rel.project(", ".join(columns)) if columns else rel
+
+
 def write_relation(rel: duckdb.DuckDBPyRelation, fmt: str, output: str | None, max_rows: int = 40) -> None:
     if fmt == "parquet":
         if not output:
@@ -16,8 +28,7 @@ def write_relation(rel: duckdb.DuckDBPyRelation, fmt: str, output: str | None, m
         rel.to_parquet(output, compression="zstd")
         return
     if fmt == "csv":
-        frame = rel.pl()
-        text = frame.write_csv()
+        text = csv_flat(rel).pl().write_csv()
     elif fmt == "json":
         text = json.dumps(rel.pl().to_dicts(), default=str, ensure_ascii=False, indent=1) + "\n"
     else:

@@ -5,7 +5,7 @@ import os
 
 import duckdb
 
-from . import checks, views
+from . import checks, readonly, views
 from .errors import UserError
 from .features import Feature
 from .manifest import Manifest
@@ -17,13 +17,22 @@ class Store:
         self.path = store_path(path)
         self.manifest_obj = Manifest.load(self.path)
         checks.quick_check(self.manifest_obj, progress)
-        self.con = duckdb.connect()
-        views.register(self.con, self.manifest_obj)
+        self._con: duckdb.DuckDBPyConnection | None = None  # made on first use: `featurestore sql` never needs it
         self._token_texts: list[str] | None = None
+        self._reader: duckdb.DuckDBPyConnection | None = None  # Store.sql's own locked connection, made on first use
         self._verified: set[str] = set()  # files this handle re-hashed (an export verifies once, not per call)
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"
+
+    @property
+    def con(self) -> duckdb.DuckDBPyConnection:
+        """The library's own connection with every view (exports and the API read through it)."""
+        if self._con is None:
+            con = duckdb.connect()
+            views.register(con, self.manifest_obj)
+            self._con = con
+        return self._con
 
     @property
     def manifest(self) -> dict:
@@ -34,7 +43,10 @@ class Store:
         self.manifest_obj = Manifest.load(self.path)
         checks.quick_check(self.manifest_obj)
         self._verified = set()
-        views.register(self.con, self.manifest_obj)
+        if self._con is not None:
+            views.register(self._con, self.manifest_obj)
+        if self._reader is not None:
+            views.register(self._reader, self.manifest_obj)
         return self
 
     def verify(self, source: str | None = None, layers: list[int] | None = None, progress: bool = True) -> None:
@@ -51,8 +63,15 @@ class Store:
         self._verified.update(rels)
 
     def sql(self, query: str, params=None) -> duckdb.DuckDBPyRelation:
+        """Run a read-only query over the store's views (and any local file it names); statements that could write,
+        attach, install or reconfigure are refused with a ``UserError`` (see ``featurestore.readonly``)."""
+        if self._reader is None:
+            reader = duckdb.connect()
+            views.register(reader, self.manifest_obj)
+            self._reader = readonly.lock(reader)
+        readonly.check_read_only(query, self._reader)
         try:
-            return self.con.sql(query, params=params)
+            return self._reader.sql(query, params=params)
         except duckdb.Error as exc:
             raise UserError(f"SQL error: {str(exc).splitlines()[0]}") from None
 
