@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .neuron_windows import SAMPLE_PER_CHUNK, TOP_PER_CHUNK, WindowAccumulator
 NEURON_TOP_K = 20
 NEURON_MIN_ACT = 0.01
 
@@ -115,10 +116,14 @@ class TranscoderCapture(Capture):
 class NeuronCapture(Capture):
     source = "neuron"
 
-    def __init__(self, model, layers: list[int], neurons: dict[int, list[int]]):
+    def __init__(self, model, layers: list[int], neurons: dict[int, list[int]], window_top: int = TOP_PER_CHUNK,
+                 window_sample: int = SAMPLE_PER_CHUNK, seed: int = 0):
         super().__init__(layers)
         self.neurons = {layer: torch.as_tensor(neurons[layer], dtype=torch.long) for layer in self.layers}
         self.acc = {layer: LayerAccumulator(len(neurons[layer])) for layer in self.layers}
+        # example windows with the true activations (featurestore.neuron_windows)
+        self.windows = {layer: WindowAccumulator(np.asarray(neurons[layer]), window_top, window_sample, seed)
+                        for layer in self.layers}
         for layer in self.layers:
             down = model.model.layers[layer].mlp.down_proj
             self._handles.append(down.register_forward_pre_hook(self._make_hook(layer)))
@@ -132,6 +137,7 @@ class NeuronCapture(Capture):
     def _hook(self, layer: int, hidden: torch.Tensor) -> None:
         index = self.neurons[layer].to(hidden.device)
         acts = hidden.index_select(-1, index).float()  # (B, T, n)
+        self.windows[layer].add_batch(acts, self.valid, self.seq_ids)
         valid = self.valid[:, :, None]
         positive = (acts > 0) & valid
         acc = self.acc[layer]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from . import schema
 from .collect_options import CollectOptions, check_options, parse_layers  # noqa: F401 (re-exported)
 from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, sample_neurons
+from .neuron_windows import TOP_PER_CHUNK, WINDOW_AFTER, WINDOW_BEFORE
 from .data import Dataset, adds_special_tokens, format_text, open_dataset
 from .errors import UserError
 from .logit_lens import logit_lens_table, neuron_directions, transcoder_directions
@@ -155,7 +157,7 @@ class ChunkWriter:
         """Remove files an interrupted run left for this uncommitted chunk."""
         root = self.root
         pattern = f"chunk-{chunk:06d}*.parquet"
-        for table in ("activations", "feature_stats"):
+        for table in ("activations", "feature_stats", "neuron_windows"):
             for path in (root / table / f"source={self.source}").glob(f"layer=*/{pattern}"):
                 path.unlink()
         if with_tokens:
@@ -182,10 +184,17 @@ class ChunkWriter:
         write_parquet_atomic(table, self.root / rel)
         return rel
 
-    def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict) -> dict:
+    def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict,
+                    windows: dict[int, pa.Table] | None = None) -> dict:
         files, attempt = record["files"], record.get("attempt")
         files["activations"] = [f.result() for f in part_futures]
         files["feature_stats"] = [self.write_stats(record["chunk"], layer, s, attempt) for layer, s in sorted(stats.items())]
+        if windows is not None:
+            files["neuron_windows"] = []
+            for layer, table in sorted(windows.items()):
+                rel = f"{schema.partition_dir('neuron_windows', self.source, layer)}/{chunk_file_name(record['chunk'], None, attempt)}"
+                write_parquet_atomic(table, self.root / rel)
+                files["neuron_windows"].append(rel)
         for name, table in tables.items():
             rel = f"{name}/{chunk_file_name(record['chunk'], None, attempt)}"
             write_parquet_atomic(table, self.root / rel)
@@ -199,7 +208,7 @@ class ChunkWriter:
 def _make_capture(net, opts: CollectOptions, layers: list[int], neurons: dict[int, list[int]] | None) -> Capture:
     if opts.source == "transcoder":
         return TranscoderCapture(net, layers)
-    return NeuronCapture(net, layers, neurons)
+    return NeuronCapture(net, layers, neurons, window_sample=opts.neuron_samples, seed=opts.seed)
 
 
 def _prepare_store(store_dir: Path, info: dict, data: dict, settings: dict, opts: CollectOptions, source_settings: dict) -> Manifest:
@@ -225,7 +234,7 @@ def collect(model: str, data: str, store: str | Path, **options):
     dataset = open_dataset(data)
     device = opts.device or default_device()
     net, ckpt = load_model(model, dtype=opts.dtype, device=device, revision=opts.revision,
-                           require_adapter=opts.source == "transcoder")
+                           require_adapter=opts.source == "transcoder" or opts.adapters == "on")
     tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
     info, layers, source_settings, neurons = describe_model(ckpt, tokenizer, opts, device)
     data_info, settings = describe_data(data, dataset, opts)
@@ -254,8 +263,23 @@ def describe_model(ckpt, tokenizer, opts: CollectOptions, device: str) -> tuple[
     if opts.source == "neuron":
         neurons = sample_neurons(ckpt.d_mlp, opts.neurons_per_layer, layers, opts.seed)
         source_settings |= {"neurons_per_layer": opts.neurons_per_layer, "seed": opts.seed,
-                            "neurons": {str(k): v for k, v in neurons.items()}}
+                            "neurons": {str(k): v for k, v in neurons.items()}} | neuron_settings(opts)
     return info, layers, source_settings, neurons
+
+
+def neuron_settings(opts: CollectOptions) -> dict:
+    """What decides a neuron store's values and windows: the model branch measured and the kept windows."""
+    return {"adapters": opts.adapters or "off",
+            "windows": {"before": WINDOW_BEFORE, "after": WINDOW_AFTER, "top": TOP_PER_CHUNK, "sample": opts.neuron_samples}}
+
+
+def disable_adapters(net) -> None:
+    """Run every MLP as the plain Qwen2 MLP (what the original's AutoModelForCausalLM loads): no adapter branch."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    for layer in net.model.layers:
+        if hasattr(layer.mlp, "transcoder_enc"):
+            layer.mlp.forward = types.MethodType(Qwen2MLP.forward, layer.mlp)
 
 
 def describe_data(data: str, dataset: Dataset, opts: CollectOptions) -> tuple[dict, dict]:
@@ -334,6 +358,8 @@ class ChunkCollector:
         self.pad_id = next(x for x in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if x is not None)
         n_units = {layer: (net.config.transcoder_n_features if opts.source == "transcoder" else len(neurons[layer])) for layer in layers}
         unit_ids = {layer: (np.arange(n_units[layer]) if neurons is None else np.asarray(neurons[layer])) for layer in layers}
+        if opts.source == "neuron" and opts.adapters != "on":
+            disable_adapters(net)
         self.capture = _make_capture(net, opts, layers, neurons)
         self.writer = ChunkWriter(root, opts.source, unit_ids, commit)
         self.started, self.n_tokens = time.perf_counter(), 0
@@ -370,12 +396,14 @@ class ChunkCollector:
         for layer in self.layers:
             flush(layer)
         stats = {layer: capture.acc[layer].take_stats() for layer in self.layers}
+        windows = ({layer: capture.windows[layer].take_table() for layer in self.layers}
+                   if opts.source == "neuron" else None)
         record = {"source": opts.source, "chunk": chunk, "rows": list(row_range), "n_sequences": len(tok.seq_ids),
                   "n_skipped": tok.n_skipped, "n_tokens": int(sum(lengths)), "files": {}}
         if attempt is not None:
             record["attempt"] = attempt
         tables = {"sequences": tok.sequences, "tokens": tok.tokens} if with_tokens else {}
-        return writer.submit(writer.write_chunk, record, part_futures, tables, stats)
+        return writer.submit(writer.write_chunk, record, part_futures, tables, stats, windows)
 
     def close(self, ok: bool = True) -> None:
         """Remove the hooks and finish pending writes (errors of a failed run's writes are not raised again)."""

@@ -58,6 +58,17 @@ FEATURE_STATS = pa.schema([  # per chunk, partitioned by source, layer: what the
     pa.field("max_act", pa.float32(), nullable=False),
 ])
 
+NEURON_WINDOWS = pa.schema([  # neurons only, per chunk, partitioned by source, layer: see featurestore/neuron_windows.py
+    pa.field("feature", pa.int32(), nullable=False),
+    pa.field("seq_id", pa.int32(), nullable=False),
+    pa.field("pos", pa.int32(), nullable=False),  # the example's token
+    pa.field("act", pa.float32(), nullable=False),
+    pa.field("top", pa.bool_(), nullable=False),  # among the chunk's top activations of this neuron
+    pa.field("sample_key", pa.int64()),  # among the chunk's uniform sample of positive activations: its key; else null
+    pa.field("start", pa.int32(), nullable=False),  # position of acts[0]
+    pa.field("acts", pa.list_(pa.float32()), nullable=False),  # the neuron's true activation at every window token
+])
+
 LOGIT_LENS = pa.schema([  # partitioned by source, layer
     pa.field("feature", pa.int32(), nullable=False),
     pa.field("side", pa.string(), nullable=False),  # top | bottom
