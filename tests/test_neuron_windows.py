@@ -102,3 +102,68 @@ def test_adapters_choice_is_recorded_and_changes_neurons_only(tiny, neuron_store
     with pytest.raises(UserError, match="adapters"):
         fs.collect(str(tiny["model"]), str(tiny["data"]), neuron_stores["root"] / "off",
                    **(neuron_stores["common"] | {"adapters": "on"}))
+
+
+def _dense_columns(tiny, store):
+    """(layer, neuron) -> list over sequences of (seq_id, dense activations of that neuron), model without adapters."""
+    neurons = _neurons(store)
+    dense = plain_dense(tiny["model"], tiny["data"])
+    return {(layer, n): [(s, layers[layer][:, n]) for s, (_, layers) in dense.items()]
+            for layer in neurons for n in neurons[layer]}
+
+
+def _find_window(columns, acts, center):
+    """The (seq_id, pos) whose dense window equals ``acts`` (center at index ``center``), or None."""
+    acts = np.asarray(acts, dtype=np.float64)
+    for seq_id, column in columns:
+        for pos in np.flatnonzero(np.abs(column - acts[center]) <= 1e-5 * max(1.0, abs(acts[center]))):
+            lo = pos - center
+            if lo < 0 or lo + len(acts) > len(column):
+                continue
+            if np.allclose(column[lo:lo + len(acts)], acts, rtol=1e-4, atol=1e-5):
+                hi_ok = lo + len(acts) == len(column) or len(acts) - center - 1 == WINDOW_AFTER
+                if (lo == 0 or center == WINDOW_BEFORE) and hi_ok:
+                    return seq_id, pos
+    return None
+
+
+def test_exported_neuron_windows_equal_brute_force(tiny, neuron_stores, tmp_path):
+    from exporters.feature_json import export_json
+
+    store = neuron_stores["off"]
+    columns = _dense_columns(tiny, store)
+    summary = export_json(store, tmp_path, source="neuron", progress=False)
+    assert summary.n_features > 0
+    views = {(l, f): (c, q) for l, f, c, q in store.sql(
+        "select layer, feature, activation_count, activation_freq from features where source = 'neuron'").fetchall()}
+    total = store.sql("select n_tokens from source_tokens where source = 'neuron'").fetchall()[0][0]
+    n_examples = negative = 0
+    for path in sorted((tmp_path / "features").iterdir()):
+        doc = json.loads(path.read_text())
+        layer, neuron = doc["layer"], doc["feature"]
+        assert doc["is_neuron"] is True
+        count, freq = views[(layer, neuron)]
+        assert doc["activation_frequency"] == pytest.approx(freq) == pytest.approx(count / total)
+        dense = columns[(layer, neuron)]
+        positives = np.sort(np.concatenate([c[c > 0] for _, c in dense]))[::-1]
+        assert count == len(positives)  # exact count of positive activations over all tokens
+        groups = {g["quantile_name"]: g["examples"] for g in doc["examples_quantiles"]}
+        top = [e["tokens_acts_list"][e["train_token_ind"]] for e in groups["Top activations"]]
+        expected_top = positives[positives > 0.01][:20]
+        np.testing.assert_allclose(top, expected_top, rtol=1e-4, atol=1e-6)  # the store-wide top 20, exactly
+        window_values = []
+        for name, examples in groups.items():
+            for example in examples:
+                acts = example["tokens_acts_list"]
+                assert len(acts) == len(example["tokens"])
+                found = _find_window(dense, acts, example["train_token_ind"])
+                assert found is not None, (layer, neuron, name)
+                assert acts[example["train_token_ind"]] > 0  # every example is a positive activation
+                window_values.extend(acts)
+                n_examples += 1
+                negative += sum(a < 0 for a in acts)
+        assert doc["act_min"] == pytest.approx(min(window_values)) and doc["act_max"] == pytest.approx(max(window_values))
+        if "Random samples" in groups:
+            assert len(groups["Random samples"]) == min(10, 6, count)  # from the uniform sample of 6 (neuron_samples)
+        assert len(doc["quantile_values"]) == 100 and doc["quantile_values"][0] > 0
+    assert n_examples > 100 and negative > 0
