@@ -5,7 +5,9 @@ Definitions (as the original): ``*_density[k] = activations in k / tokens in k``
 all activations of the feature``; the thinking fraction divides by the feature's activations that have a thinking
 position (the original only kept complete traces, where that is every thinking-region activation). Dicts carry only
 keys with non-zero counts; the thinking lists always have 10 bins. Denominators count the sequences this source
-was collected over.
+was collected over. Neurons: every count is exact (``featurestore.neuron_counts``, counted over all tokens, as the
+``features`` view); the original's approximation (its stored per-sequence top-20 rows) is kept as
+``original_approx_activation_count`` / ``original_approx_activation_freq``.
 """
 from __future__ import annotations
 
@@ -69,7 +71,26 @@ def _layer_counts(con, store, source: str, layer: int, keep: str):
         ORDER BY a.feature""").fetchall()
 
 
-def _feature_rows(rows, layer: int, totals, is_neuron: bool) -> list[dict]:
+def _neuron_layer_counts(con, store, layer: int) -> tuple[list, dict]:
+    """Neurons: the same rows as ``_layer_counts`` from the exact per-chunk counts (``neuron_counts``, every token),
+    and the original's approximate count per neuron (its stored rows: per sequence the top 20 above 0.01)."""
+    files = [str(store.path / f) for f in store.manifest_obj.files("neuron_counts", "neuron")
+             if f.startswith(schema.partition_dir("neuron_counts", "neuron", layer) + "/")]
+    rows = [(f, _ALL, None, None, None, n) for f, n in con.execute(
+        "SELECT feature, activation_count FROM features WHERE source = 'neuron' AND layer = ? ORDER BY feature",
+        [layer]).fetchall()]
+    if files:
+        gids = {"domain": _BY_DOMAIN, "region": _BY_REGION, "bin": _BY_BIN}
+        for feature, kind, key, n in con.execute(f"""SELECT feature, kind, key, sum(n_active)::BIGINT
+                FROM read_parquet({views.sql_list(files)}) GROUP BY ALL ORDER BY ALL""").fetchall():
+            rows.append((feature, gids[kind], key if kind == "domain" else None, key if kind == "region" else None,
+                         int(key) if kind == "bin" else None, n))
+    scan = views.activation_scan(store.manifest_obj, "neuron", layer)
+    approx = dict(con.execute(f"SELECT feature, count(*) FROM {scan} GROUP BY feature").fetchall())
+    return rows, approx
+
+
+def _feature_rows(rows, layer: int, totals, is_neuron: bool, approx: dict | None = None) -> list[dict]:
     total_tokens, per_domain, per_region, bins = totals
     by_feature: dict[int, dict] = {}
     for feature, gid, domain, region, bin_, n in rows:
@@ -101,6 +122,9 @@ def _feature_rows(rows, layer: int, totals, is_neuron: bool) -> list[dict]:
         }
         if is_neuron:
             row["is_neuron"] = True
+            if approx is not None:  # the original's count: stored rows (per sequence the top 20 above 0.01)
+                row["original_approx_activation_count"] = approx.get(feature, 0)
+                row["original_approx_activation_freq"] = approx.get(feature, 0) / total_tokens
         out.append(row)
     return out
 
@@ -120,8 +144,13 @@ def feature_metadata(store, source: str = "transcoder", layers: list[int] | None
         if source == "neuron":
             document["is_neuron_baseline"] = True
         for layer in layers:
-            rows = _layer_counts(con, store, source, layer, source_sequence_filter(store, source, "a.seq_id"))
-            document["features"].extend(_feature_rows(rows, layer, (total, per_domain, per_region, bins), source == "neuron"))
+            approx = None
+            if source == "neuron" and store.manifest_obj.files("neuron_counts", "neuron"):
+                rows, approx = _neuron_layer_counts(con, store, layer)
+            else:
+                rows = _layer_counts(con, store, source, layer, source_sequence_filter(store, source, "a.seq_id"))
+            document["features"].extend(_feature_rows(rows, layer, (total, per_domain, per_region, bins), source == "neuron",
+                                                      approx))
     finally:
         con.close()
     return document

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .neuron_counts import CountAccumulator
 from .neuron_windows import SAMPLE_PER_CHUNK, TOP_PER_CHUNK, WindowAccumulator
 NEURON_TOP_K = 20
 NEURON_MIN_ACT = 0.01
@@ -121,6 +122,8 @@ class NeuronCapture(Capture):
         super().__init__(layers)
         self.neurons = {layer: torch.as_tensor(neurons[layer], dtype=torch.long) for layer in self.layers}
         self.acc = {layer: LayerAccumulator(len(neurons[layer])) for layer in self.layers}
+        self.counts = {layer: CountAccumulator(len(neurons[layer])) for layer in self.layers}
+        self.groups = None  # (region, bin, domains) of the batch, for the exact breakdown counts
         # example windows with the true activations (featurestore.neuron_windows)
         self.windows = {layer: WindowAccumulator(np.asarray(neurons[layer]), window_top, window_sample, seed)
                         for layer in self.layers}
@@ -142,6 +145,8 @@ class NeuronCapture(Capture):
         positive = (acts > 0) & valid
         acc = self.acc[layer]
         acc.count += positive.sum(dim=(0, 1)).cpu().numpy()
+        if self.groups is not None:
+            self.counts[layer].add_batch(positive, *self.groups)
         acc.sum += torch.where(positive, acts, 0).sum(dim=(0, 1)).double().cpu().numpy()
         acc.max = np.maximum(acc.max, torch.where(positive, acts, 0).amax(dim=(0, 1)).cpu().numpy())
         k = min(NEURON_TOP_K, acts.shape[1])

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import schema
 from .collect_options import CollectOptions, check_options, parse_layers  # noqa: F401 (re-exported)
 from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, sample_neurons
+from .neuron_counts import token_groups
 from .neuron_windows import TOP_PER_CHUNK, WINDOW_AFTER, WINDOW_BEFORE
 from .data import Dataset, adds_special_tokens, format_text, open_dataset
 from .errors import UserError
@@ -157,7 +158,7 @@ class ChunkWriter:
         """Remove files an interrupted run left for this uncommitted chunk."""
         root = self.root
         pattern = f"chunk-{chunk:06d}*.parquet"
-        for table in ("activations", "feature_stats", "neuron_windows"):
+        for table in ("activations", "feature_stats", "neuron_windows", "neuron_counts"):
             for path in (root / table / f"source={self.source}").glob(f"layer=*/{pattern}"):
                 path.unlink()
         if with_tokens:
@@ -185,16 +186,16 @@ class ChunkWriter:
         return rel
 
     def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict,
-                    windows: dict[int, pa.Table] | None = None) -> dict:
+                    neuron_tables: dict[str, dict[int, pa.Table]] | None = None) -> dict:
         files, attempt = record["files"], record.get("attempt")
         files["activations"] = [f.result() for f in part_futures]
         files["feature_stats"] = [self.write_stats(record["chunk"], layer, s, attempt) for layer, s in sorted(stats.items())]
-        if windows is not None:
-            files["neuron_windows"] = []
-            for layer, table in sorted(windows.items()):
-                rel = f"{schema.partition_dir('neuron_windows', self.source, layer)}/{chunk_file_name(record['chunk'], None, attempt)}"
+        for name, per_layer in (neuron_tables or {}).items():  # neuron_windows, neuron_counts
+            files[name] = []
+            for layer, table in sorted(per_layer.items()):
+                rel = f"{schema.partition_dir(name, self.source, layer)}/{chunk_file_name(record['chunk'], None, attempt)}"
                 write_parquet_atomic(table, self.root / rel)
-                files["neuron_windows"].append(rel)
+                files[name].append(rel)
         for name, table in tables.items():
             rel = f"{name}/{chunk_file_name(record['chunk'], None, attempt)}"
             write_parquet_atomic(table, self.root / rel)
@@ -271,6 +272,17 @@ def neuron_settings(opts: CollectOptions) -> dict:
     """What decides a neuron store's values and windows: the model branch measured and the kept windows."""
     return {"adapters": opts.adapters or "off",
             "windows": {"before": WINDOW_BEFORE, "after": WINDOW_AFTER, "top": TOP_PER_CHUNK, "sample": opts.neuron_samples}}
+
+
+def batch_groups(groups: list[tuple], device) -> tuple:
+    """(region, bin, domains) of a batch's sequences as padded (B, T) tensors (-1 at padding) and a list."""
+    longest = max(len(g[0]) for g in groups)
+    region = torch.full((len(groups), longest), -1, dtype=torch.long)
+    bins = torch.full((len(groups), longest), -1, dtype=torch.long)
+    for row, (r, b, _) in enumerate(groups):
+        region[row, : len(r)] = torch.from_numpy(r)
+        bins[row, : len(b)] = torch.from_numpy(b)
+    return region.to(device), bins.to(device), [g[2] for g in groups]
 
 
 def disable_adapters(net) -> None:
@@ -382,7 +394,10 @@ class ChunkCollector:
             parts[layer] += 1
 
         lengths = [len(x) for x in tok.ids]
+        groups = token_groups(tok.tokens, tok.sequences, tok.seq_ids) if opts.source == "neuron" else None
         for batch in plan_batches(lengths, opts.batch_tokens):
+            if groups is not None:
+                capture.groups = batch_groups([groups[tok.seq_ids[i]] for i in batch], self.device)
             run_batch(self.net, [tok.ids[i] for i in batch], [tok.seq_ids[i] for i in batch], self.pad_id, self.device, capture)
             for layer in self.layers:
                 if capture.acc[layer].n_rows >= opts.flush_rows:
@@ -396,14 +411,17 @@ class ChunkCollector:
         for layer in self.layers:
             flush(layer)
         stats = {layer: capture.acc[layer].take_stats() for layer in self.layers}
-        windows = ({layer: capture.windows[layer].take_table() for layer in self.layers}
-                   if opts.source == "neuron" else None)
+        neuron_tables = None
+        if opts.source == "neuron":
+            neuron_tables = {"neuron_windows": {layer: capture.windows[layer].take_table() for layer in self.layers},
+                             "neuron_counts": {layer: capture.counts[layer].take_table(writer.unit_ids[layer])
+                                               for layer in self.layers}}
         record = {"source": opts.source, "chunk": chunk, "rows": list(row_range), "n_sequences": len(tok.seq_ids),
                   "n_skipped": tok.n_skipped, "n_tokens": int(sum(lengths)), "files": {}}
         if attempt is not None:
             record["attempt"] = attempt
         tables = {"sequences": tok.sequences, "tokens": tok.tokens} if with_tokens else {}
-        return writer.submit(writer.write_chunk, record, part_futures, tables, stats, windows)
+        return writer.submit(writer.write_chunk, record, part_futures, tables, stats, neuron_tables)
 
     def close(self, ok: bool = True) -> None:
         """Remove the hooks and finish pending writes (errors of a failed run's writes are not raised again)."""

@@ -341,10 +341,10 @@ def remove_orphans(manifest: Manifest, source: str) -> list[str]:
     """
     root = manifest.root
     listed = set(manifest.files("activations", source)) | set(manifest.files("feature_stats", source))
-    listed |= set(manifest.files("neuron_windows", source))
+    listed |= set(manifest.files("neuron_windows", source)) | set(manifest.files("neuron_counts", source))
     listed |= set(manifest.files("tokens")) | set(manifest.files("sequences"))
     directories = [root / "tokens", root / "sequences"]
-    for table in ("activations", "feature_stats", "neuron_windows"):
+    for table in ("activations", "feature_stats", "neuron_windows", "neuron_counts"):
         directories += sorted((root / table / f"source={source}").glob("layer=*"))
     removed = []
     for directory in directories:

@@ -139,3 +139,29 @@ class WindowAccumulator:
         }, schema=schema.NEURON_WINDOWS)
         self.reset()
         return table.sort_by([("feature", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")])
+
+
+# ---- reading (the Python API; exports read the same rows in exporters/neuron_examples.py)
+
+MIN_TOP_ACT = 0.01  # the original's threshold for a neuron's top examples (capture.NEURON_MIN_ACT)
+
+
+def top_rows_sql(k: int) -> str:
+    """(seq_id, pos, act) of a neuron's top ``k`` activations; parameters: layer, feature."""
+    return (f"SELECT seq_id, pos, act FROM neuron_windows WHERE source = 'neuron' AND layer = ? AND feature = ? "
+            f"AND top AND act > {MIN_TOP_ACT} ORDER BY act DESC, seq_id, pos LIMIT {int(k)}")
+
+
+def sample_rows_sql(n_sample: int, order_sql: str, n: int) -> str:
+    """(seq_id, pos, act) of ``n`` of a neuron's store-wide uniform sample of ``n_sample`` positive activations, in
+    ``order_sql`` (the seeded random order); parameters: layer, feature."""
+    return (f"SELECT seq_id, pos, act FROM (SELECT feature, seq_id, pos, act FROM neuron_windows "
+            f"WHERE source = 'neuron' AND layer = ? AND feature = ? AND sample_key IS NOT NULL "
+            f"ORDER BY sample_key, seq_id, pos LIMIT {int(n_sample)}) ORDER BY {order_sql} LIMIT {int(n)}")
+
+
+WINDOW_VALUES_SQL = """SELECT DISTINCT seq_id, start + i - 1 AS pos, acts[i] AS act FROM (
+    SELECT seq_id, start, acts, generate_subscripts(acts, 1) AS i FROM neuron_windows
+    WHERE source = 'neuron' AND layer = ? AND feature = ? AND seq_id IN (SELECT unnest(?::INTEGER[])))"""
+"""A neuron's stored true activations in the given sequences (its window tokens only); parameters: layer,
+feature, seq_ids."""

@@ -167,3 +167,59 @@ def test_exported_neuron_windows_equal_brute_force(tiny, neuron_stores, tmp_path
             assert len(groups["Random samples"]) == min(10, 6, count)  # from the uniform sample of 6 (neuron_samples)
         assert len(doc["quantile_values"]) == 100 and doc["quantile_values"][0] > 0
     assert n_examples > 100 and negative > 0
+
+
+def test_counts_agree_across_view_metadata_json_and_brute_force(tiny, neuron_stores):
+    from exporters.metadata import feature_metadata
+
+    store = neuron_stores["off"]
+    columns = _dense_columns(tiny, store)
+    domains = {i: r["domain"] for i, r in enumerate(tiny["rows"])}
+    regions = {}
+    for seq_id, pos, region in store.sql("select seq_id, pos, region from tokens").fetchall():
+        regions[(seq_id, pos)] = region
+    view = {(l, f): (c, q) for l, f, c, q in store.sql(
+        "select layer, feature, activation_count, activation_freq from features where source = 'neuron'").fetchall()}
+    document = feature_metadata(store, source="neuron")
+    assert {(r["layer"], r["feature"]) for r in document["features"]} == set(view)
+    total = document["total_tokens"]
+    for row in document["features"]:
+        key = (row["layer"], row["feature"])
+        count, freq = view[key]
+        assert row["activation_count"] == count and row["activation_freq"] == pytest.approx(freq)
+        doc = store.feature(*key, source="neuron").to_json()
+        assert doc["activation_frequency"] == pytest.approx(row["activation_freq"])
+        per_domain, per_region = {}, {}
+        for seq_id, column in columns[key]:
+            positive = np.flatnonzero(column > 0)
+            per_domain[domains[seq_id]] = per_domain.get(domains[seq_id], 0) + len(positive)
+            for p in positive.tolist():
+                per_region[regions[(seq_id, p)]] = per_region.get(regions[(seq_id, p)], 0) + 1
+        assert count == sum(per_domain.values())
+        assert row["domain_fraction"] == pytest.approx({d: n / count for d, n in per_domain.items() if n})
+        assert row["domain_density"] == pytest.approx({d: n / document["tokens_per_domain"][d] for d, n in per_domain.items() if n})
+        assert row["region_fraction"] == pytest.approx({r: n / count for r, n in per_region.items() if n})
+        assert sum(row["domain_fraction"].values()) == pytest.approx(1.0)
+        # the original's approximation survives only under a name that says so: its stored top-20 rows
+        stored = store.sql(f"select count(*) from activations where source = 'neuron' and layer = {key[0]} "
+                           f"and feature = {key[1]}").fetchall()[0][0]
+        assert row["original_approx_activation_count"] == stored <= count
+        assert row["original_approx_activation_freq"] == pytest.approx(stored / total)
+    assert any(r["original_approx_activation_count"] < r["activation_count"] for r in document["features"])
+
+
+def test_api_examples_carry_true_windows(tiny, neuron_stores):
+    store = neuron_stores["off"]
+    columns = {k: dict(v) for k, v in _dense_columns(tiny, store).items()}
+    (layer, neuron), = store.sql("select layer, feature from features where source = 'neuron' "
+                                 "order by activation_count desc limit 1").fetchall()
+    f = store.feature(layer, neuron, source="neuron")
+    dense = columns[(layer, neuron)]
+    tops = f.top_examples(20)
+    everything = np.sort(np.concatenate(list(dense.values())))[::-1]
+    np.testing.assert_allclose([e.act for e in tops], everything[:20], rtol=1e-5)
+    randoms = f.random_examples(10, seed=1)
+    assert len(randoms) == 6 and all(e.act > 0 for e in randoms)  # the store's uniform sample holds 6
+    for e in tops + randoms:
+        lo = e.pos - e.train_token_ind
+        np.testing.assert_allclose(e.acts, dense[e.seq_id][lo:lo + len(e.acts)], rtol=1e-5, atol=1e-6)
