@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from .example_selection import Selection
-from .neuron_examples import activation_counts, check_window_size, sample_block, select
+from .neuron_examples import activation_counts, check_window_size, sample_block, sample_sizes, select
 from .document_text import activation_lists, float_texts, repeated_windows, round_significant, window_token_texts
 from .feature_queries import BlockRows
 from .token_index import TokenIndex
@@ -102,6 +102,7 @@ def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex 
     headers, trailers = [], []
     is_neuron = block.source == "neuron"
     n_actives = activation_counts(block)  # exact counts, for neurons too
+    sampled = sample_sizes(block)
     for i, feature in enumerate(block.features.tolist()):
         n_active = int(n_actives[i])
         frequency = n_active / block.total_tokens if block.total_tokens else 0.0
@@ -114,7 +115,7 @@ def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex 
         trailers.append("".join([
             '],"quantile_values":[', ",".join(quantile_text[i].tolist()),
             '],"histogram":[', ",".join(map(str, histograms[i].tolist())), "]",
-            ',"is_neuron":true}' if is_neuron else "}"]))
+            f',"distribution_sample_size":{sampled[i]},"is_neuron":true}}' if is_neuron else "}"]))
     _frame_sections(example_pieces, selection, feature_first, headers, trailers, edges, options)
     pieces = example_pieces.ravel().tolist()
     for i, feature in enumerate(block.features.tolist()):

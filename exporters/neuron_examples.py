@@ -132,6 +132,15 @@ def select(block, options) -> Selection:
                      quantiles=sample_sel.quantiles, interval_edges=sample_sel.interval_edges)
 
 
+def sample_sizes(block) -> list[int] | None:
+    """Neurons: per feature, the size of the uniform sample its random samples, intervals, quantile_values and
+    histogram were computed from (the document says so as ``distribution_sample_size``)."""
+    if getattr(block, "neuron", None) is None:
+        return None
+    rank = np.searchsorted(block.starts, block.neuron.sample, side="right") - 1
+    return np.bincount(rank, minlength=len(block.features)).tolist()
+
+
 def activation_counts(block) -> np.ndarray:
     """Per feature of the block: its exact activation count (neurons) or its stored rows (transcoder: the same)."""
     if getattr(block, "neuron", None) is not None:

@@ -166,6 +166,8 @@ def test_exported_neuron_windows_equal_brute_force(tiny, neuron_stores, tmp_path
         if "Random samples" in groups:
             assert len(groups["Random samples"]) == min(10, 6, count)  # from the uniform sample of 6 (neuron_samples)
         assert len(doc["quantile_values"]) == 100 and doc["quantile_values"][0] > 0
+        assert doc["distribution_sample_size"] == min(6, count)  # what the quantiles and histogram come from
+        assert sum(doc["histogram"]) == doc["distribution_sample_size"]
     assert n_examples > 100 and negative > 0
 
 
