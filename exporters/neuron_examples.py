@@ -149,8 +149,9 @@ def activation_counts(block) -> np.ndarray:
 
 
 def check_window_size(block, options) -> None:
-    """Neuron windows exist only as wide as collection stored them."""
-    if getattr(block, "neuron", None) is not None and (options.before > WINDOW_BEFORE or options.after > WINDOW_AFTER):
+    """Neuron windows exist only as wide as collection stored them (``block`` may be a source name)."""
+    is_neuron = block == "neuron" if isinstance(block, str) else getattr(block, "neuron", None) is not None
+    if is_neuron and (options.before > WINDOW_BEFORE or options.after > WINDOW_AFTER):
         raise UserError(f"neuron windows are stored with {WINDOW_BEFORE} tokens before and {WINDOW_AFTER} after; "
                         "use --before/--after within those")
 

@@ -225,3 +225,16 @@ def test_api_examples_carry_true_windows(tiny, neuron_stores):
     for e in tops + randoms:
         lo = e.pos - e.train_token_ind
         np.testing.assert_allclose(e.acts, dense[e.seq_id][lo:lo + len(e.acts)], rtol=1e-5, atol=1e-6)
+
+
+def test_cli_refuses_bad_choices_with_one_line_errors(tiny, neuron_stores, tmp_path, capsys):
+    from cli.main import main
+
+    code = main(["collect", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--store", str(tmp_path / "t"),
+                 "--adapters", "off"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "--adapters off" in err and "Traceback" not in err
+    code = main(["export", "json", str(neuron_stores["off"].path), "--out", str(tmp_path / "o"), "--source", "neuron",
+                 "--before", "60"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "50 tokens before" in err and "Traceback" not in err
