@@ -60,6 +60,11 @@ def _neurons(store):
     return {int(k): v for k, v in store.manifest["sources"]["neuron"]["neurons"].items()}
 
 
+def _table(store, table):
+    files = ",".join(f"'{store.path / f}'" for f in store.manifest_obj.files(table, "neuron"))
+    return store.sql(f"select * from read_parquet([{files}], hive_partitioning = true) order by all").fetchall()
+
+
 def _windows(store):
     return store.sql("select layer, feature, seq_id, pos, act, top, sample_key, start, acts from "
                      "read_parquet([" + ",".join(f"'{store.path / f}'" for f in store.manifest_obj.files("neuron_windows", "neuron"))
@@ -238,3 +243,18 @@ def test_cli_refuses_bad_choices_with_one_line_errors(tiny, neuron_stores, tmp_p
                  "--before", "60"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "50 tokens before" in err and "Traceback" not in err
+
+
+def test_resumed_collection_writes_the_same_windows_and_keeps_adapter_features(tiny, neuron_stores, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny["store_path"], tmp_path / "s")
+    before = fs.open(tmp_path / "s").sql("select * from features order by all").fetchall()
+    fs.collect(str(tiny["model"]), str(tiny["data"]), tmp_path / "s", stop_after_chunks=2, **neuron_stores["common"])
+    store = fs.collect(str(tiny["model"]), str(tiny["data"]), tmp_path / "s", **neuron_stores["common"])
+    reference = neuron_stores["off"]
+    for table in ("neuron_windows", "neuron_counts"):
+        got, want = _table(store, table), _table(reference, table)
+        assert got == want and got  # chunk by chunk, the same rows as an uninterrupted run
+    assert store.sql("select * from features where source = 'transcoder' order by all").fetchall() == \
+        [r for r in before if r[0] == "transcoder"]
