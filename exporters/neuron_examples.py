@@ -46,6 +46,7 @@ def plan_neuron_blocks(store, layer: int, block_rows: int) -> list[np.ndarray]:
     """Neurons of a layer, cut into blocks of about ``block_rows`` stored window values each."""
     files = window_files(store, layer)
     if not files:
+        window_settings(store)  # a store collected before windows were stored: a one-line error, not 0 documents
         return []
     counts = store.con.cursor().execute(f"""SELECT feature, sum(len(acts)) AS n FROM read_parquet({views.sql_list(files)})
                                             GROUP BY feature ORDER BY feature""").fetchnumpy()

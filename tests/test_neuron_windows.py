@@ -258,3 +258,18 @@ def test_resumed_collection_writes_the_same_windows_and_keeps_adapter_features(t
         assert got == want and got  # chunk by chunk, the same rows as an uninterrupted run
     assert store.sql("select * from features where source = 'transcoder' order by all").fetchall() == \
         [r for r in before if r[0] == "transcoder"]
+
+
+def test_store_without_windows_is_refused_not_exported_empty(neuron_stores, tmp_path):
+    import shutil
+
+    from exporters.feature_json import export_json
+
+    shutil.copytree(neuron_stores["off"].path, tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "featurestore.json").read_text())
+    del manifest["sources"]["neuron"]["windows"]  # as a store collected before neuron windows existed
+    for record in manifest["chunks"]:
+        record["files"].pop("neuron_windows", None)
+    (tmp_path / "old" / "featurestore.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match="before example windows"):
+        export_json(fs.open(tmp_path / "old"), tmp_path / "out", source="neuron", progress=False)
