@@ -32,6 +32,12 @@ _DEFAULTS = CollectOptions()
               help="transcoder: every adapter feature activation; neurons: the MLP-neuron baseline.")
 @click.option("--neurons-per-layer", type=int, default=_DEFAULTS.neurons_per_layer, show_default=True, help="Sampled neurons per layer.")
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the neuron sample.")
+@click.option("--adapters", type=click.Choice(["on", "off"]), default=None,
+              help="Neurons: measure the model without its adapters (off, the default: what the original's neuron script "
+                   "loads) or with them (on). Recorded in the store; a resume with the other choice is refused.")
+@click.option("--neuron-samples", type=click.IntRange(1), default=_DEFAULTS.neuron_samples, show_default=True,
+              help="Neurons: uniformly sampled positive activations kept per chunk and neuron, each with its true-activation "
+                   "window (random samples, intervals, quantiles and histogram come from them).")
 @click.option("--chunk-size", type=int, default=_DEFAULTS.chunk_size, show_default=True, help="Rows per committed chunk (unit of resume).")
 @click.option("--tokenizer", default=None, help="Tokenizer path or id (default: the checkpoint's).")
 @click.option("--revision", default=None, help="Hub revision of the model.")
@@ -43,7 +49,8 @@ _DEFAULTS = CollectOptions()
 @click.option("--no-compact", is_flag=True, help="Keep chunk files as written when the run completes "
               "(by default each layer's chunks are merged; see `featurestore compact`).")
 def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, device, batch_tokens, skip_incomplete, source,
-            neurons_per_layer, seed, chunk_size, tokenizer, revision, ray_address, num_workers, gpus_per_worker, no_compact):
+            neurons_per_layer, seed, adapters, neuron_samples, chunk_size, tokenizer, revision, ray_address, num_workers,
+            gpus_per_worker, no_compact):
     """Run MODEL over DATA and store every non-zero feature activation.
 
     Interrupt at any time: rerunning the same command resumes from the last committed chunk.
@@ -59,7 +66,7 @@ def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, dev
                         layers=parse_layers(layers), dtype=dtype, device=device, batch_tokens=batch_tokens,
                         skip_incomplete=skip_incomplete, source="neuron" if source.startswith("neuron") else source,
                         neurons_per_layer=neurons_per_layer, seed=seed, chunk_size=chunk_size, tokenizer=tokenizer,
-                        revision=revision, compact=not no_compact)
+                        revision=revision, adapters=adapters, neuron_samples=neuron_samples, compact=not no_compact)
     info = result.info()
     for name, s in info["sources"].items():
         click.echo(f"{name}: {s['activations']:,} activations, {s['live_features']:,} live features, {s['chunks']} chunks")

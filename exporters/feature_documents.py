@@ -12,7 +12,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .example_selection import Selection, select_examples
+from .example_selection import Selection
+from .neuron_examples import activation_counts, check_window_size, sample_block, sample_sizes, select
 from .document_text import activation_lists, float_texts, repeated_windows, round_significant, window_token_texts
 from .feature_queries import BlockRows, row_key
 from .token_index import TokenIndex
@@ -71,7 +72,8 @@ def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex 
                  vocab: Vocabulary) -> Iterator[tuple[int, bytes]]:
     """(feature, JSON bytes) for every feature of the block, in feature order. ``tokens`` may be a loader called
     with the sequences the chosen examples need (what a single feature uses instead of the whole index)."""
-    selection = select_examples(block, options)
+    check_window_size(block, options)
+    selection = select(block, options)  # neurons: top candidates and the uniform sample (neuron_examples)
     seq, pos = block.seq[selection.row], block.pos[selection.row]
     if not isinstance(tokens, TokenIndex):
         tokens = tokens(seq)
@@ -84,7 +86,7 @@ def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex 
     window_acts[active_at] = active_values
     act_min = np.minimum.reduceat(window_acts, offsets[feature_first[:-1]]).astype(np.float64)
     act_max = np.maximum.reduceat(window_acts, offsets[feature_first[:-1]]).astype(np.float64)
-    histograms = _histograms(block, act_min, act_max, options.histogram_bins)
+    histograms = _histograms(sample_block(block), act_min, act_max, options.histogram_bins)
     n_features = len(block.features)
     texts, text_lengths = float_texts(np.concatenate([act_min, act_max, selection.quantiles.ravel(), active_values]),
                                       with_lengths=True)  # one call, so a value shared by these is formatted once
@@ -101,8 +103,10 @@ def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex 
                                      (pos - lo).tolist(), repeated)
     headers, trailers = [], []
     is_neuron = block.source == "neuron"
+    n_actives = activation_counts(block)  # exact counts, for neurons too
+    sampled = sample_sizes(block)
     for i, feature in enumerate(block.features.tolist()):
-        n_active = int(block.starts[i + 1] - block.starts[i])
+        n_active = int(n_actives[i])
         frequency = n_active / block.total_tokens if block.total_tokens else 0.0
         headers.append("".join([
             '{"top_logits":[', ",".join(vocab.encoded[block.logits.get((feature, "top"), [])].tolist()),
@@ -113,7 +117,7 @@ def render_block(block: BlockRows, options: DocumentOptions, tokens: TokenIndex 
         trailers.append("".join([
             '],"quantile_values":[', ",".join(quantile_text[i].tolist()),
             '],"histogram":[', ",".join(map(str, histograms[i].tolist())), "]",
-            ',"is_neuron":true}' if is_neuron else "}"]))
+            f',"distribution_sample_size":{sampled[i]},"is_neuron":true}}' if is_neuron else "}"]))
     _frame_sections(example_pieces, selection, feature_first, headers, trailers, edges, options)
     pieces = example_pieces.ravel().tolist()
     for i, feature in enumerate(block.features.tolist()):

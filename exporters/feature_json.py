@@ -24,6 +24,7 @@ from featurestore.ids import cantor
 
 from .feature_documents import DocumentOptions, Vocabulary, render_block
 from .feature_queries import BlockRows, fetch_block, plan_blocks
+from .neuron_examples import check_window_size
 from .pack import DEFAULT_LEVEL, PackSummary, pack_entry, parallel_map, write_pack
 from .staging import staged_directory
 from .token_index import TokenIndex
@@ -185,6 +186,7 @@ def export_json(store, out_dir: str | os.PathLike, *, source: str = "transcoder"
     """Write ``out_dir/features/{cantor_id}.json`` for every live feature (the folder appears whole or not at all)."""
     options = options or DocumentOptions()
     check_source(store, source, layers)
+    check_window_size(source, options)  # before any work: neuron windows are as wide as collection stored them
     final = Path(out_dir) / "features"
     count = 0
     with staged_directory(final, replaceable=_is_feature_json_dir) as staging:
@@ -206,6 +208,7 @@ def export_pack(store, out_dir: str | os.PathLike, *, source: str = "transcoder"
     """Stream every live feature's document into the circuit-tracer pack; identical bytes on every run."""
     options = options or DocumentOptions()
     check_source(store, source, layers)
+    check_window_size(source, options)  # before any work: neuron windows are as wide as collection stored them
     all_layers, n_units = pack_shape(store, source)
 
     def entries():

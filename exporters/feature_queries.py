@@ -40,6 +40,7 @@ class BlockRows:
     row_key: np.ndarray  # (N,) int64 packed by ``row_key`` (feature rank, seq_id, pos), ascending: for window lookups
     logits: dict  # (feature, side) -> token ids by rank
     total_tokens: int
+    neuron: object = None  # neurons: exporters.neuron_examples.NeuronCandidates (rows are then window values)
 
 
 def row_key(rank: np.ndarray, seq: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -72,6 +73,10 @@ def source_total_tokens(store, source: str) -> int:
 
 def plan_blocks(store, source: str, layer: int, block_rows: int = BLOCK_ROWS) -> list[np.ndarray]:
     """Live features of (source, layer), cut into blocks of about ``block_rows`` activations each."""
+    if source == "neuron":
+        from .neuron_examples import plan_neuron_blocks
+
+        return plan_neuron_blocks(store, layer, block_rows)
     counts = store.con.execute("""SELECT feature, sum(n_active) AS n FROM feature_stats
                                   WHERE source = ? AND layer = ? GROUP BY feature HAVING sum(n_active) > 0
                                   ORDER BY feature""", [source, layer]).fetchnumpy()
@@ -92,6 +97,10 @@ def fetch_block(store, source: str, layer: int, features: np.ndarray, seed: int)
     features = np.asarray(features, dtype=np.int64)
     if len(features) == 0:
         return None
+    if source == "neuron":  # true-activation windows, not the stored top rows
+        from .neuron_examples import fetch_neuron_block
+
+        return fetch_neuron_block(store, layer, features, seed)
     scan = views.activation_scan(store.manifest_obj, source, layer)
     con = store.con.cursor()
     try:

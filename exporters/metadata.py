@@ -6,7 +6,9 @@ Definitions (as the original): ``*_density[k] = activations in k / tokens in k``
 all activations of the feature``; the thinking fraction divides by the feature's activations that have a thinking
 position (the original only kept complete traces, where that is every thinking-region activation). Dicts carry only
 keys with non-zero counts; the thinking lists always have 10 bins. Denominators count the sequences this source
-was collected over.
+was collected over. Neurons: every count is exact (``featurestore.neuron_counts``, counted over all tokens, as the
+``features`` view); the original's approximation (its stored per-sequence top-20 rows) is kept as
+``original_approx_activation_count`` / ``original_approx_activation_freq``.
 """
 from __future__ import annotations
 
@@ -128,7 +130,39 @@ def _layer_counts(con, store, source: str, layer: int, tokens: TokenAttributes) 
             "bin": _grow(by_bin, size * N_BINS).reshape(size, N_BINS), "domain_names": tokens.domain_names}
 
 
-def _feature_rows(counts: dict, layer: int, totals, is_neuron: bool) -> list[dict]:
+def _neuron_layer_counts(con, store, layer: int, tokens: TokenAttributes) -> tuple[dict, dict]:
+    """Neurons: the same counts as ``_layer_counts`` from the exact per-chunk counts (``neuron_counts``, every token),
+    and the original's approximate count per neuron (its stored rows: per sequence the top 20 above 0.01)."""
+    files = [str(store.path / f) for f in store.manifest_obj.files("neuron_counts", "neuron")
+             if f.startswith(schema.partition_dir("neuron_counts", "neuron", layer) + "/")]
+    exact = con.execute("SELECT feature, activation_count FROM features WHERE source = 'neuron' AND layer = ? "
+                        "ORDER BY feature", [layer]).fetchall()
+    size = max((f for f, _ in exact), default=-1) + 1
+    names = tokens.domain_names
+    counts = {"total": np.zeros(size, np.int64), "domain": np.zeros((size, len(names)), np.int64),
+              "region": np.zeros((size, len(schema.REGIONS)), np.int64), "bin": np.zeros((size, N_BINS), np.int64),
+              "domain_names": names}
+    for feature, n in exact:
+        counts["total"][feature] = n
+    domain_index = {d: i for i, d in enumerate(names)}
+    region_index = {r: i for i, r in enumerate(schema.REGIONS)}
+    if files:
+        for feature, kind, key, n in con.execute(f"""SELECT feature, kind, key, sum(n_active)::BIGINT
+                FROM read_parquet({views.sql_list(files)}) GROUP BY ALL ORDER BY ALL""").fetchall():
+            if feature >= size:
+                continue
+            if kind == "domain" and key in domain_index:
+                counts["domain"][feature, domain_index[key]] = n
+            elif kind == "region" and key in region_index:
+                counts["region"][feature, region_index[key]] = n
+            elif kind == "bin" and key is not None and 0 <= int(key) < N_BINS:
+                counts["bin"][feature, int(key)] = n
+    scan = views.activation_scan(store.manifest_obj, "neuron", layer)
+    approx = dict(con.execute(f"SELECT feature, count(*) FROM {scan} GROUP BY feature").fetchall())
+    return counts, approx
+
+
+def _feature_rows(counts: dict, layer: int, totals, is_neuron: bool, approx: dict | None = None) -> list[dict]:
     total_tokens, per_domain, per_region, bins = totals
     out = []
     for feature in np.flatnonzero(counts["total"]).tolist():
@@ -151,6 +185,9 @@ def _feature_rows(counts: dict, layer: int, totals, is_neuron: bool) -> list[dic
         }
         if is_neuron:
             row["is_neuron"] = True
+            if approx is not None:  # the original's count: stored rows (per sequence the top 20 above 0.01)
+                row["original_approx_activation_count"] = approx.get(feature, 0)
+                row["original_approx_activation_freq"] = approx.get(feature, 0) / total_tokens
         out.append(row)
     return out
 
@@ -178,8 +215,12 @@ def _metadata(store, source: str, layers: list[int] | None, add_rows) -> dict:
         if source == "neuron":
             document["is_neuron_baseline"] = True
         for layer in layers:
-            counts = _layer_counts(con, store, source, layer, tokens)
-            add_rows(_feature_rows(counts, layer, (total, per_domain, per_region, bins), source == "neuron"))
+            approx = None
+            if source == "neuron" and store.manifest_obj.files("neuron_counts", "neuron"):
+                counts, approx = _neuron_layer_counts(con, store, layer, tokens)
+            else:
+                counts = _layer_counts(con, store, source, layer, tokens)
+            add_rows(_feature_rows(counts, layer, (total, per_domain, per_region, bins), source == "neuron", approx))
     finally:
         con.close()
     return document

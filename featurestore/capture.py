@@ -11,6 +11,8 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .neuron_counts import CountAccumulator
+from .neuron_windows import SAMPLE_PER_CHUNK, TOP_PER_CHUNK, WindowAccumulator
 
 NEURON_TOP_K = 20
 NEURON_MIN_ACT = 0.01
@@ -144,10 +146,16 @@ class TranscoderCapture(Capture):
 class NeuronCapture(Capture):
     source = "neuron"
 
-    def __init__(self, model, layers: list[int], neurons: dict[int, list[int]]):
+    def __init__(self, model, layers: list[int], neurons: dict[int, list[int]], window_top: int = TOP_PER_CHUNK,
+                 window_sample: int = SAMPLE_PER_CHUNK, seed: int = 0):
         super().__init__(model, layers)
         self.neurons = {layer: torch.as_tensor(neurons[layer], dtype=torch.long) for layer in self.layers}
         self.acc = {layer: LayerAccumulator(len(neurons[layer])) for layer in self.layers}
+        self.counts = {layer: CountAccumulator(len(neurons[layer])) for layer in self.layers}
+        self.groups = None  # (region, bin, domains) of the batch, for the exact breakdown counts
+        # example windows with the true activations (featurestore.neuron_windows)
+        self.windows = {layer: WindowAccumulator(np.asarray(neurons[layer]), window_top, window_sample, seed)
+                        for layer in self.layers}
         for layer in self.layers:
             down = model.model.layers[layer].mlp.down_proj
             self._handles.append(down.register_forward_pre_hook(self._make_hook(layer)))
@@ -161,12 +169,15 @@ class NeuronCapture(Capture):
     def _hook(self, layer: int, hidden: torch.Tensor) -> None:
         index = self.neurons[layer].to(hidden.device)
         acts = hidden.index_select(-1, index).float()  # (B, T, n)
+        self.windows[layer].add_batch(acts, self.valid, self.seq_ids)
         valid = self.valid[:, :, None]
         if not bool((torch.isfinite(acts) | ~valid).all()):  # NaN is never > 0: it would vanish from rows and counts
             refuse_nonfinite_activations(self.model, self.source, layer)
         positive = (acts > 0) & valid
         acc = self.acc[layer]
         acc.count += positive.sum(dim=(0, 1)).cpu().numpy()
+        if self.groups is not None:
+            self.counts[layer].add_batch(positive, *self.groups)
         acc.sum += torch.where(positive, acts, 0).sum(dim=(0, 1)).double().cpu().numpy()
         acc.max = np.maximum(acc.max, torch.where(positive, acts, 0).amax(dim=(0, 1)).cpu().numpy())
         k = min(NEURON_TOP_K, acts.shape[1])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from . import schema
 from .data import FORMATS
 from .errors import UserError
+from .neuron_windows import SAMPLE_PER_CHUNK
 
 
 @dataclass
@@ -20,6 +21,8 @@ class CollectOptions:
     skip_incomplete: bool = False
     source: str = "transcoder"
     neurons_per_layer: int = 500
+    adapters: str | None = None  # neurons: "off" (default, the original's model without adapters) or "on"
+    neuron_samples: int = SAMPLE_PER_CHUNK  # neurons: uniformly sampled example windows kept per chunk and neuron
     seed: int = 0
     chunk_size: int = 64
     tokenizer: str | None = None
@@ -58,5 +61,11 @@ def check_options(opts: CollectOptions) -> None:
     for name in ("max_length", "batch_tokens", "chunk_size"):
         if getattr(opts, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
+    if opts.adapters not in (None, "on", "off"):
+        raise UserError(f"unknown --adapters {opts.adapters!r}; use on or off")
+    if opts.source == "transcoder" and opts.adapters == "off":
+        raise UserError("--adapters off applies to --source neurons only (transcoder features are the adapters')")
+    if opts.neuron_samples < 1:
+        raise UserError("--neuron-samples must be positive")
     if opts.max_samples is not None and opts.max_samples <= 0:
         raise UserError("--max-samples must be positive")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+import types
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 from . import schema
 from .collect_options import CollectOptions, check_options, parse_layers  # noqa: F401 (re-exported)
 from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, refuse_nonfinite_weights, sample_neurons
+from .neuron_counts import token_groups
+from .neuron_windows import TOP_PER_CHUNK, WINDOW_AFTER, WINDOW_BEFORE
 from .data import Dataset, adds_special_tokens, format_text, open_dataset
 from .errors import UserError
 from .logit_lens import logit_lens_table, neuron_directions, transcoder_directions
@@ -162,7 +165,7 @@ class ChunkWriter:
         """Remove files an interrupted run left for this uncommitted chunk."""
         root = self.root
         pattern = f"chunk-{chunk:06d}*.parquet"
-        for table in ("activations", "feature_stats"):
+        for table in ("activations", "feature_stats", "neuron_windows", "neuron_counts"):
             for path in (root / table / f"source={self.source}").glob(f"layer=*/{pattern}"):
                 path.unlink()
         if with_tokens:
@@ -187,10 +190,16 @@ class ChunkWriter:
         rel = f"{schema.partition_dir('feature_stats', self.source, layer)}/{chunk_file_name(chunk, None, attempt)}"
         return self._write(table, rel)
 
-    def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict) -> dict:
+    def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict,
+                    neuron_tables: dict[str, dict[int, pa.Table]] | None = None) -> dict:
         files, attempt = record["files"], record.get("attempt")
         files["activations"] = [f.result() for f in part_futures]
         files["feature_stats"] = [self.write_stats(record["chunk"], layer, s, attempt) for layer, s in sorted(stats.items())]
+        for name, per_layer in (neuron_tables or {}).items():  # neuron_windows, neuron_counts
+            files[name] = []
+            for layer, table in sorted(per_layer.items()):
+                rel = f"{schema.partition_dir(name, self.source, layer)}/{chunk_file_name(record['chunk'], None, attempt)}"
+                files[name].append(self._write(table, rel))
         for name, table in tables.items():
             files[name] = [self._write(table, f"{name}/{chunk_file_name(record['chunk'], None, attempt)}")]
         record["hashes"] = {rel: self.hashes.pop(rel) for rel_list in files.values() for rel in rel_list}
@@ -203,7 +212,7 @@ class ChunkWriter:
 def _make_capture(net, opts: CollectOptions, layers: list[int], neurons: dict[int, list[int]] | None) -> Capture:
     if opts.source == "transcoder":
         return TranscoderCapture(net, layers)
-    return NeuronCapture(net, layers, neurons)
+    return NeuronCapture(net, layers, neurons, window_sample=opts.neuron_samples, seed=opts.seed)
 
 
 def _prepare_store(store_dir: Path, info: dict, data: dict, settings: dict, opts: CollectOptions, source_settings: dict) -> Manifest:
@@ -229,7 +238,7 @@ def collect(model: str, data: str, store: str | Path, **options):
     dataset = open_dataset(data)
     device = opts.device or default_device()
     net, ckpt = load_model(model, dtype=opts.dtype, device=device, revision=opts.revision,
-                           require_adapter=opts.source == "transcoder")
+                           require_adapter=opts.source == "transcoder" or opts.adapters == "on")
     tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
     info, layers, source_settings, neurons = describe_model(ckpt, tokenizer, opts, device)
     refuse_nonfinite_weights(net, max(layers))
@@ -268,8 +277,34 @@ def describe_model(ckpt, tokenizer, opts: CollectOptions, device: str) -> tuple[
     if opts.source == "neuron":
         neurons = sample_neurons(ckpt.d_mlp, opts.neurons_per_layer, layers, opts.seed)
         source_settings |= {"neurons_per_layer": opts.neurons_per_layer, "seed": opts.seed,
-                            "neurons": {str(k): v for k, v in neurons.items()}}
+                            "neurons": {str(k): v for k, v in neurons.items()}} | neuron_settings(opts)
     return info, layers, source_settings, neurons
+
+
+def neuron_settings(opts: CollectOptions) -> dict:
+    """What decides a neuron store's values and windows: the model branch measured and the kept windows."""
+    return {"adapters": opts.adapters or "off",
+            "windows": {"before": WINDOW_BEFORE, "after": WINDOW_AFTER, "top": TOP_PER_CHUNK, "sample": opts.neuron_samples}}
+
+
+def batch_groups(groups: list[tuple], device) -> tuple:
+    """(region, bin, domains) of a batch's sequences as padded (B, T) tensors (-1 at padding) and a list."""
+    longest = max(len(g[0]) for g in groups)
+    region = torch.full((len(groups), longest), -1, dtype=torch.long)
+    bins = torch.full((len(groups), longest), -1, dtype=torch.long)
+    for row, (r, b, _) in enumerate(groups):
+        region[row, : len(r)] = torch.from_numpy(r)
+        bins[row, : len(b)] = torch.from_numpy(b)
+    return region.to(device), bins.to(device), [g[2] for g in groups]
+
+
+def disable_adapters(net) -> None:
+    """Run every MLP as the plain Qwen2 MLP (what the original's AutoModelForCausalLM loads): no adapter branch."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+
+    for layer in net.model.layers:
+        if hasattr(layer.mlp, "transcoder_enc"):
+            layer.mlp.forward = types.MethodType(Qwen2MLP.forward, layer.mlp)
 
 
 def describe_data(data: str, dataset: Dataset, opts: CollectOptions) -> tuple[dict, dict]:
@@ -359,6 +394,8 @@ class ChunkCollector:
         self.pad_id = next(x for x in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if x is not None)
         n_units = {layer: (net.config.transcoder_n_features if opts.source == "transcoder" else len(neurons[layer])) for layer in layers}
         unit_ids = {layer: (np.arange(n_units[layer]) if neurons is None else np.asarray(neurons[layer])) for layer in layers}
+        if opts.source == "neuron" and opts.adapters != "on":
+            disable_adapters(net)
         self.capture = _make_capture(net, opts, layers, neurons)
         self.writer = ChunkWriter(root, opts.source, unit_ids, commit)
         self.started, self.n_tokens = time.perf_counter(), 0
@@ -381,7 +418,10 @@ class ChunkCollector:
             parts[layer] += 1
 
         lengths = [len(x) for x in tok.ids]
+        groups = token_groups(tok.tokens, tok.sequences, tok.seq_ids) if opts.source == "neuron" else None
         for batch in plan_batches(lengths, opts.batch_tokens):
+            if groups is not None:
+                capture.groups = batch_groups([groups[tok.seq_ids[i]] for i in batch], self.device)
             run_batch(self.net, [tok.ids[i] for i in batch], [tok.seq_ids[i] for i in batch], self.pad_id, self.device, capture)
             for layer in self.layers:
                 if capture.acc[layer].n_rows >= opts.flush_rows:
@@ -395,12 +435,17 @@ class ChunkCollector:
         for layer in self.layers:
             flush(layer)
         stats = {layer: capture.acc[layer].take_stats() for layer in self.layers}
+        neuron_tables = None
+        if opts.source == "neuron":
+            neuron_tables = {"neuron_windows": {layer: capture.windows[layer].take_table() for layer in self.layers},
+                             "neuron_counts": {layer: capture.counts[layer].take_table(writer.unit_ids[layer])
+                                               for layer in self.layers}}
         record = {"source": opts.source, "chunk": chunk, "rows": list(row_range), "n_sequences": len(tok.seq_ids),
                   "n_skipped": tok.n_skipped, "n_tokens": int(sum(lengths)), "files": {}}
         if attempt is not None:
             record["attempt"] = attempt
         tables = {"sequences": tok.sequences, "tokens": tok.tokens} if with_tokens else {}
-        return writer.submit(writer.write_chunk, record, part_futures, tables, stats)
+        return writer.submit(writer.write_chunk, record, part_futures, tables, stats, neuron_tables)
 
     def close(self, ok: bool = True) -> None:
         """Remove the hooks and finish pending writes (errors of a failed run's writes are not raised again)."""

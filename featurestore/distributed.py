@@ -82,7 +82,7 @@ class CollectWorker:
         self.root = store_path(root)
         self.device = self.opts.device or default_device()
         self.net, self.ckpt = load_model(model, dtype=self.opts.dtype, device=self.device, revision=self.opts.revision,
-                                         require_adapter=self.opts.source == "transcoder")
+                                         require_adapter=self.opts.source == "transcoder" or self.opts.adapters == "on")
         self.tokenizer = load_tokenizer(self.opts.tokenizer or self.ckpt.path)
         self.info, self.layers, self.source_settings, self.neurons = describe_model(self.ckpt, self.tokenizer, self.opts, self.device)
         refuse_nonfinite_weights(self.net, max(self.layers))  # before the driver writes anything
@@ -344,9 +344,10 @@ def remove_orphans(manifest: Manifest, source: str) -> list[str]:
     """
     root = manifest.root
     listed = set(manifest.files("activations", source)) | set(manifest.files("feature_stats", source))
+    listed |= set(manifest.files("neuron_windows", source)) | set(manifest.files("neuron_counts", source))
     listed |= set(manifest.files("tokens")) | set(manifest.files("sequences"))
     directories = [root / "tokens", root / "sequences"]
-    for table in ("activations", "feature_stats"):
+    for table in ("activations", "feature_stats", "neuron_windows", "neuron_counts"):
         directories += sorted((root / table / f"source={source}").glob("layer=*"))
     removed = []
     for directory in directories:

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
+from . import neuron_windows
 from .ids import cantor
 from .views import RANDOM_ORDER_SQL, activation_scan
 
@@ -22,7 +23,7 @@ class Example:
     act: float
     token_ids: list[int]
     tokens: list[str]
-    acts: list[float]  # this feature's activation at each window token (0.0 where inactive)
+    acts: list[float]  # this feature's activation at each window token (0.0 where inactive; neurons: true values)
     train_token_ind: int  # index of ``pos`` within the window
     domain: str
     region: str
@@ -51,13 +52,20 @@ class Feature:
         return dict(zip(("activation_count", "activation_freq", "max_act", "mean_act"), rows[0]))
 
     def top_examples(self, k: int = 20, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER) -> list[Example]:
+        if self.source == "neuron":  # the store-wide top k, with true-activation windows
+            return self._windows(self.store.con.execute(neuron_windows.top_rows_sql(k), [self.layer, self.feature]).fetchall(),
+                                 before, after)
         rows = self.store.con.execute(
             f"SELECT seq_id, pos, act FROM {self._scan()} WHERE feature = ? ORDER BY act DESC, seq_id, pos LIMIT ?",
             [self.feature, k]).fetchall()
         return self._windows(rows, before, after)
 
     def random_examples(self, n: int = 10, seed: int = 0, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER) -> list[Example]:
-        """Uniform over this feature's activating tokens, in the store-wide seeded order."""
+        """Uniform over this feature's activating tokens, in the store-wide seeded order (neurons: over the
+        store's uniform sample of their positive activations, which carries their windows)."""
+        if self.source == "neuron":
+            sql = neuron_windows.sample_rows_sql(self._neuron_sample_size(), RANDOM_ORDER_SQL.format(seed=int(seed)), n)
+            return self._windows(self.store.con.execute(sql, [self.layer, self.feature]).fetchall(), before, after)
         rows = self.store.con.execute(
             f"SELECT seq_id, pos, act FROM {self._scan()} WHERE feature = ? ORDER BY {RANDOM_ORDER_SQL.format(seed=int(seed))} LIMIT ?",
             [self.feature, n]).fetchall()
@@ -86,9 +94,16 @@ class Feature:
             out[side].append((token, value))
         return out
 
+    def _neuron_sample_size(self) -> int:
+        windows = self.store.manifest.get("sources", {}).get("neuron", {}).get("windows") or {}
+        return int(windows.get("sample", neuron_windows.SAMPLE_PER_CHUNK))
+
     def _acts_in(self, seq_ids: list[int]) -> dict[tuple[int, int], float]:
         if not seq_ids:
             return {}
+        if self.source == "neuron":  # true values on the stored window tokens (0.0 elsewhere: not stored)
+            rows = self.store.con.execute(neuron_windows.WINDOW_VALUES_SQL, [self.layer, self.feature, seq_ids]).fetchall()
+            return {(s, p): a for s, p, a in rows}
         rows = self.store.con.execute(
             f"SELECT seq_id, pos, act FROM {self._scan()} WHERE feature = ? AND seq_id IN (SELECT unnest(?::INTEGER[]))",
             [self.feature, seq_ids]).fetchall()

@@ -59,6 +59,24 @@ FEATURE_STATS = pa.schema([  # per chunk, partitioned by source, layer: what the
     pa.field("max_act", pa.float32(), nullable=False),
 ])
 
+NEURON_WINDOWS = pa.schema([  # neurons only, per chunk, partitioned by source, layer: see featurestore/neuron_windows.py
+    pa.field("feature", pa.int32(), nullable=False),
+    pa.field("seq_id", pa.int32(), nullable=False),
+    pa.field("pos", pa.int32(), nullable=False),  # the example's token
+    pa.field("act", pa.float32(), nullable=False),
+    pa.field("top", pa.bool_(), nullable=False),  # among the chunk's top activations of this neuron
+    pa.field("sample_key", pa.int64()),  # among the chunk's uniform sample of positive activations: its key; else null
+    pa.field("start", pa.int32(), nullable=False),  # position of acts[0]
+    pa.field("acts", pa.list_(pa.float32()), nullable=False),  # the neuron's true activation at every window token
+])
+
+NEURON_COUNTS = pa.schema([  # neurons only, per chunk, partitioned by source, layer: see featurestore/neuron_counts.py
+    pa.field("feature", pa.int32(), nullable=False),
+    pa.field("kind", pa.string(), nullable=False),  # domain | region | bin
+    pa.field("key", pa.string(), nullable=False),  # the domain, the region name, or the thinking bin 0-9
+    pa.field("n_active", pa.int64(), nullable=False),  # exact count of act > 0 over the chunk's tokens of that key
+])
+
 LOGIT_LENS = pa.schema([  # partitioned by source, layer
     pa.field("feature", pa.int32(), nullable=False),
     pa.field("side", pa.string(), nullable=False),  # top | bottom

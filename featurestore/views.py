@@ -18,6 +18,7 @@ _DUCK_TYPES = {
     pa.int8(): "TINYINT", pa.int16(): "SMALLINT", pa.int32(): "INTEGER", pa.int64(): "BIGINT",
     pa.float32(): "FLOAT", pa.float64(): "DOUBLE", pa.string(): "VARCHAR", pa.bool_(): "BOOLEAN",
     pa.binary(): "BLOB", pa.large_string(): "VARCHAR", pa.timestamp("us"): "TIMESTAMP",
+    pa.list_(pa.float32()): "FLOAT[]",
 }
 
 RANDOM_ORDER_SQL = "hash(seq_id, pos, feature, {seed}::BIGINT), seq_id, pos"
@@ -84,6 +85,8 @@ def register(con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
         FROM ({_table_select(manifest, 'tokens', schema.TOKENS, False)}) t LEFT JOIN vocab v USING (token_id)""")
     con.execute(f"CREATE OR REPLACE VIEW activations AS {_table_select(manifest, 'activations', schema.ACTIVATIONS, True)}")
     con.execute(f"CREATE OR REPLACE VIEW feature_stats AS {_table_select(manifest, 'feature_stats', schema.FEATURE_STATS, True)}")
+    con.execute(f"CREATE OR REPLACE VIEW neuron_windows AS "  # neurons' example windows (featurestore/neuron_windows.py)
+                f"{_table_select(manifest, 'neuron_windows', schema.NEURON_WINDOWS, True)}")
     con.execute(f"""CREATE OR REPLACE VIEW logit_lens AS
         SELECT l.source, l.layer, l.feature, l.side, l.rank, l.token_id, v.token, l.value
         FROM ({_table_select(manifest, 'logit_lens', schema.LOGIT_LENS, True)}) l LEFT JOIN vocab v USING (token_id)""")

@@ -128,7 +128,7 @@ def test_truncated_rows_are_kept_and_marked(tiny, tmp_path):
 
 def test_neuron_baseline_matches_brute_force(tiny, tmp_path):
     store = fs.collect(str(tiny["model"]), str(tiny["data"]), tmp_path / "n", source="neuron", neurons_per_layer=10, seed=3,
-                       max_samples=12, progress=False)
+                       max_samples=12, progress=False, adapters="on")  # dense_run measures the model with adapters
     neurons = sample_neurons(64, 10, [0, 1, 2], 3)
     assert store.manifest["sources"]["neuron"]["neurons"]["1"] == neurons[1]
     data = write_jsonl(tmp_path / "first12.jsonl", tiny["rows"][:12])
