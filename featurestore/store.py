@@ -7,7 +7,7 @@ import duckdb
 
 from . import views
 from .errors import UserError
-from .features import Feature
+from .features import Feature, check_unit
 from .manifest import Manifest
 from .storage import store_path
 
@@ -50,6 +50,8 @@ class Store:
         return self._token_texts
 
     def feature(self, layer: int, feature: int, source: str = "transcoder") -> Feature:
+        """A handle on one unit; UserError (with the valid range) for a source, layer or feature not held."""
+        check_unit(self.manifest, source, int(layer), int(feature))
         return Feature(self, int(layer), int(feature), source)
 
     def features(self, source: str | None = None):
