@@ -30,6 +30,19 @@ def is_store(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+def _describe_version(version) -> str:
+    """Shown in the refusal so that '1' (a string) never reads like 1."""
+    if version is None:
+        return f"unknown ({MANIFEST} has no integer format_version)"
+    if type(version) is int:
+        return str(version)
+    return f"{version!r} (a {type(version).__name__} in {MANIFEST}, not an integer)"
+
+
+def _newer(version) -> bool:
+    return type(version) is int and version > FORMAT_VERSION
+
+
 class Manifest:
     def __init__(self, root: Path, data: dict):
         self.root = root
@@ -46,8 +59,10 @@ class Manifest:
             data = json.loads(file.read_text())
         except json.JSONDecodeError as exc:
             raise UserError(f"{file} is corrupt: {exc.msg}") from None
-        if data.get("format_version") != FORMAT_VERSION:
-            raise UserError(f"{root} has store format {data.get('format_version')}, this featurestore reads {FORMAT_VERSION}")
+        version = data.get("format_version") if isinstance(data, dict) else None
+        if version != FORMAT_VERSION or type(version) is not int:
+            raise UserError(f"{root} has store format {_describe_version(version)}; this featurestore reads "
+                            f"format {FORMAT_VERSION} only" + (" (upgrade featurestore)" if _newer(version) else ""))
         return cls(root, data)
 
     @property
