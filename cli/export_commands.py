@@ -19,8 +19,13 @@ def _document_options(function):
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples."),
         click.option("--before", type=click.IntRange(0), default=50, show_default=True, help="Window tokens before."),
         click.option("--after", type=click.IntRange(0), default=20, show_default=True, help="Window tokens after."),
+        click.option("--max-per-sequence", type=click.IntRange(0), default=2, show_default=True,
+                     help="At most this many top activations from one sequence (0: no cap, as the original)."),
         click.option("--intervals", type=click.IntRange(0), default=5, show_default=True,
-                     help="Interval groups of equally many activations (0: none)."),
+                     help="Interval groups below the top (0: none)."),
+        click.option("--interval-kind", type=click.Choice(["range", "count"]), default="range", show_default=True,
+                     help="range: equal activation ranges of (0, max], the viewer's histogram bins, so a weak mode "
+                          "gets its own group; count: equally many activations per group (the original)."),
         click.option("--per-interval", type=click.IntRange(1), default=3, show_default=True, help="Examples per interval group."),
         click.option("--histogram-bins", type=click.IntRange(1), default=50, show_default=True),
         click.option("--workers", type=click.IntRange(1), default=None, help="Processes (default: all cores)."),
@@ -39,7 +44,9 @@ def _options_from(kwargs: dict):
 
     return DocumentOptions(top_k=kwargs.pop("top_k"), n_random=kwargs.pop("n_random"), seed=kwargs.pop("seed"),
                            before=kwargs.pop("before"), after=kwargs.pop("after"), n_intervals=kwargs.pop("intervals"),
-                           per_interval=kwargs.pop("per_interval"), histogram_bins=kwargs.pop("histogram_bins")), \
+                           per_interval=kwargs.pop("per_interval"), histogram_bins=kwargs.pop("histogram_bins"),
+                           max_per_sequence=kwargs.pop("max_per_sequence") or None,
+                           interval_kind=kwargs.pop("interval_kind")), \
         parse_layers(kwargs.pop("layers"))
 
 

@@ -1,9 +1,10 @@
 """Which examples each feature's document shows, chosen for a whole block of features at once.
 
 Rows are ordered by (feature, seq_id, pos), so stable sorts break ties the way the store API does. Top-k: by
-activation descending. Random samples: the first ``n_random`` rows in the seeded key order. Interval groups: the
-feature's activations cut at nearest-rank quantiles into equally full buckets, the first ``per_interval`` rows of
-each bucket in the seeded key order, highest bucket first. Per feature only a sort of its activations, a top-k and
+activation descending, at most ``max_per_sequence`` per sequence. Random samples: the first ``n_random`` rows in the
+seeded key order. Interval groups: the feature's activations cut into equal activation ranges of (0, max]
+(``interval_kind="range"``) or at nearest-rank quantiles into equally full buckets (``"count"``), the first
+``per_interval`` rows of each bucket in the seeded key order, highest bucket first. Per feature only a sort of its activations, a top-k and
 a partial selection of the seeded order run; everything else is done for the block in a few array operations.
 """
 from __future__ import annotations
@@ -42,6 +43,20 @@ def top_k(acts: np.ndarray, ordered: np.ndarray, k: int) -> np.ndarray:
     return np.argsort(-acts, kind="stable")
 
 
+def capped_top_k(acts: np.ndarray, seqs: np.ndarray, ordered: np.ndarray, k: int, cap: int | None) -> np.ndarray:
+    """``top_k`` keeping at most ``cap`` rows per sequence (each sequence's highest, ties by pos), as
+    ``Feature.top_examples(max_per_sequence=cap)``. The plain top-k is tried first: usually it already fits."""
+    chosen = top_k(acts, ordered, k)
+    if cap is None or len(chosen) == 0 or np.bincount(np.unique(seqs[chosen], return_inverse=True)[1]).max() <= cap:
+        return chosen
+    order = np.argsort(-acts, kind="stable")  # activation descending, ties by row = (seq_id, pos)
+    by_seq = np.argsort(seqs[order], kind="stable")
+    sorted_seqs = seqs[order][by_seq]
+    occurrence = np.empty(len(order), dtype=np.int64)
+    occurrence[by_seq] = np.arange(len(order)) - np.searchsorted(sorted_seqs, sorted_seqs, side="left")
+    return order[occurrence < cap][:k]
+
+
 def seeded_prefix(keys: np.ndarray, wanted: int) -> np.ndarray:
     """At least ``wanted`` first indices of the stable seeded order (by key, ties by row), without sorting all."""
     if len(keys) <= wanted or wanted == 0:
@@ -61,6 +76,12 @@ def _concat(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.concatenate(parts), np.repeat(np.arange(len(parts)), lengths), _positions(lengths)
 
 
+def _bucket_sizes(block: BlockRows, inner: np.ndarray, i: int) -> np.ndarray:
+    """Rows of feature i in each interval bucket (a range bucket may hold fewer than ``per_interval``, or none)."""
+    acts = block.act[block.starts[i]:block.starts[i + 1]]
+    return np.bincount((inner[i][None, :] < acts[:, None]).sum(axis=1), minlength=inner.shape[1] + 1)
+
+
 def select_examples(block: BlockRows, options) -> Selection:
     n_features, n_intervals = len(block.features), options.n_intervals
     n_groups = 2 + n_intervals
@@ -69,23 +90,30 @@ def select_examples(block: BlockRows, options) -> Selection:
     for start, stop in zip(bounds[:-1], bounds[1:]):
         ordered[start:stop].sort()
     quantiles = ordered[nearest_rank_rows(block.starts, options.n_quantiles, options.n_quantiles)]
-    inner = ordered[nearest_rank_rows(block.starts, n_intervals, max(n_intervals - 1, 0))]
     edges = np.zeros((n_features, n_intervals + 1), dtype=np.float32)
-    edges[:, 0], edges[:, 1:-1], edges[:, -1] = ordered[block.starts[:-1]], inner, ordered[block.starts[1:] - 1]
+    edges[:, -1] = ordered[block.starts[1:] - 1]
+    if getattr(options, "interval_kind", "count") == "range":  # equal parts of (0, max]
+        inner = (edges[:, -1:] * (np.arange(1, n_intervals, dtype=np.float32) / np.float32(n_intervals))[None, :])
+    else:  # nearest-rank quantiles: equally full buckets
+        inner = ordered[nearest_rank_rows(block.starts, n_intervals, max(n_intervals - 1, 0))]
+        edges[:, 0] = ordered[block.starts[:-1]]
+    edges[:, 1:-1] = inner
 
     wanted = max(options.n_random, 4 * options.per_interval * n_intervals)
     tops, prefixes = [], []
     for start, stop in zip(bounds[:-1], bounds[1:]):
-        tops.append(top_k(block.act[start:stop], ordered[start:stop], options.top_k) + start)
+        tops.append(capped_top_k(block.act[start:stop], block.seq[start:stop], ordered[start:stop], options.top_k,
+                                 getattr(options, "max_per_sequence", None)) + start)
         prefixes.append(seeded_prefix(block.key[start:stop], wanted) + start)
     rows, rank, position = _concat(prefixes)
     bucket = (inner[rank] < block.act[rows][:, None]).sum(axis=1)  # = searchsorted(bounds, act, "left")
     if n_intervals:  # a prefix short of some bucket (ties, or an unlucky key order): take that feature's full order
         found = np.bincount(rank * n_intervals + bucket, minlength=n_features * n_intervals).reshape(-1, n_intervals)
         whole = np.fromiter(map(len, prefixes), dtype=np.int64, count=n_features) == np.diff(block.starts)
-        short = np.flatnonzero(~whole & (found < options.per_interval).any(axis=1))
-        if len(short):
-            for i in short.tolist():
+        short = [i for i in np.flatnonzero(~whole & (found < options.per_interval).any(axis=1)).tolist()
+                 if (found[i] < np.minimum(options.per_interval, _bucket_sizes(block, inner, i))).any()]
+        if short:
+            for i in short:
                 prefixes[i] = np.argsort(block.key[bounds[i]:bounds[i + 1]], kind="stable") + bounds[i]
             rows, rank, position = _concat(prefixes)
             bucket = (inner[rank] < block.act[rows][:, None]).sum(axis=1)

@@ -122,9 +122,9 @@ class Feature:
         return dict(zip(("activation_count", "activation_freq", "max_act", "mean_act"), rows[0])) | {"dead": False}
 
     def top_examples(self, k: int = 20, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER,
-                     max_per_sequence: int | None = None) -> list[Example]:
-        """The k highest activations, at most ``max_per_sequence`` from any one sequence (None: no cap, as the
-        original pipeline; ties broken by (seq_id, pos) either way)."""
+                     max_per_sequence: int | None = 2) -> list[Example]:
+        """The k highest activations, at most ``max_per_sequence`` from any one sequence (the exports' default, so
+        one long trace cannot fill the list; None: no cap, as the original). Ties go by (seq_id, pos)."""
         if max_per_sequence is not None and max_per_sequence < 1:
             raise UserError("max_per_sequence must be at least 1 (or None for no cap)")
         ranked = f"SELECT seq_id, pos, act FROM {self._scan()} WHERE feature = ?"
