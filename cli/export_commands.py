@@ -83,17 +83,19 @@ def register(group: click.Group) -> None:
             summary = export_json(handle, out, source=source, options=options, layers=layers, workers=workers)
         click.echo(f"wrote {summary.n_features} feature files to {summary.path}")
         if not no_metadata:
-            click.echo(f"wrote {export_metadata(handle, out, source=source)}")
+            click.echo(f"wrote {export_metadata(handle, out, source=source, layers=layers)}")
 
     @export.command("metadata")
     @click.argument("store")
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes OUT/feature_metadata.json.")
     @click.option("--source", type=click.Choice(["transcoder", "neuron"]), default="transcoder", show_default=True)
-    def export_metadata_command(store, out, source):
+    @click.option("--layers", default=None, help="Layers whose features are listed, e.g. 0,3,5-7 (default: all collected).")
+    def export_metadata_command(store, out, source, layers):
         """feature_metadata.json: token totals and per-feature domain/region/thinking-position densities."""
         from exporters.metadata import export_metadata
+        from featurestore.collect_options import parse_layers
 
-        click.echo(f"wrote {export_metadata(_open(store), out, source=source)}")
+        click.echo(f"wrote {export_metadata(_open(store), out, source=source, layers=parse_layers(layers))}")
 
     @export.command("pack")
     @click.argument("store", required=False)
@@ -130,8 +132,10 @@ def register(group: click.Group) -> None:
             else:
                 summary = export_pack(_open(store), out, source=source, options=options, layers=layers,
                                       dead_stub=dead_stub, level=level, workers=workers)
-        click.echo(f"wrote {summary.entries} entries ({summary.dead} dead{' stubs' if dead_stub else ''}) "
-                   f"in {len(summary.layers)} layers, {summary.bytes_written} bytes, to {summary.path}")
+        total = len(summary.layers) * summary.n_features  # every slot of the index: live entries and dead ones
+        dead = f"{summary.dead:,} dead as stub entries" if dead_stub else f"{summary.dead:,} dead (empty)"
+        click.echo(f"wrote {total:,} entries ({summary.entries:,} live, {dead}) in {len(summary.layers)} layers "
+                   f"of {summary.n_features:,}, {summary.bytes_written:,} bytes, to {summary.path}")
 
     @export.command("verify")
     @click.argument("directory", type=click.Path())

@@ -73,3 +73,36 @@ def test_count_intervals_and_no_cap_keep_the_original_reachable(tiny, tmp_path, 
     from featurestore.ids import cantor
 
     assert json.loads((out / "features" / f"{cantor(layer, feature)}.json").read_text()) == original
+
+
+@pytest.fixture(scope="module")
+def neuron_store(tiny, tmp_path_factory):
+    import featurestore as fs
+
+    return fs.collect(str(tiny["model"]), str(tiny["data"]), tmp_path_factory.mktemp("neurons") / "s", source="neuron",
+                      neurons_per_layer=5, seed=2, layers=[0, 2], chunk_size=8, batch_tokens=512, progress=False,
+                      max_samples=8)
+
+
+def test_pack_message_counts_every_entry(neuron_store, tmp_path, capsys):
+    live = neuron_store.sql("SELECT count(*) FROM features WHERE source = 'neuron'").fetchall()[0][0]
+    for flag, dead in (("--dead-stub", f"{192 - live} dead as stub entries"), (None, f"{192 - live} dead (empty)")):
+        args = ["export", "pack", str(neuron_store.path), "--out", str(tmp_path / str(flag)), "--source", "neuron",
+                "--workers", "1"]
+        assert main(args + ([flag] if flag else [])) == 0
+        out = capsys.readouterr().out
+        assert f"wrote 192 entries ({live} live, {dead}) in 3 layers of 64," in out, out
+
+
+def test_json_export_of_chosen_layers_writes_their_metadata_only(neuron_store, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert main(["export", "json", str(neuron_store.path), "--out", str(out), "--source", "neuron", "--layers", "0",
+                 "--workers", "1"]) == 0
+    metadata = json.loads((out / "feature_metadata.json").read_text())
+    live0 = neuron_store.sql("SELECT count(*) FROM features WHERE source = 'neuron' AND layer = 0").fetchall()[0][0]
+    assert metadata["is_neuron_baseline"] is True and live0 > 0
+    assert {row["layer"] for row in metadata["features"]} == {0} and len(metadata["features"]) == live0
+    assert len(list((out / "features").iterdir())) == live0
+    assert main(["export", "metadata", str(neuron_store.path), "--out", str(tmp_path / "m"), "--source", "neuron",
+                 "--layers", "2"]) == 0
+    assert {row["layer"] for row in json.loads((tmp_path / "m" / "feature_metadata.json").read_text())["features"]} == {2}
