@@ -157,13 +157,17 @@ def register(group: click.Group) -> None:
     @group.command("upload")
     @click.argument("directory", type=click.Path(exists=True, file_okay=False))
     @click.option("--repo", required=True, help="OWNER/NAME of the Hugging Face model repo (created if missing).")
-    @click.option("--path-in-repo", default="features", show_default=True,
-                  help="Folder in the repo; the viewer reads packs from a folder named features.")
+    @click.option("--path-in-repo", default=None,
+                  help="Folder in the repo (default by the kind of DIRECTORY: a pack goes to features, where the "
+                       "viewer reads packs; a graph folder to graphs; per-feature JSON to feature-json).")
     @click.option("--revision", default=None, help="Branch to commit to (created if missing; default main).")
     @click.option("--private", is_flag=True, help="Create the repo private (the browser viewer cannot read private repos).")
     @click.option("--dry-run", is_flag=True, help="List what would go where; no token, no network.")
     def upload_command(directory, repo, path_in_repo, revision, private, dry_run):
-        """Upload a verified pack (or JSON or graph directory) to the Hugging Face Hub."""
+        """Upload a verified pack (or JSON or graph directory) to the Hugging Face Hub.
+
+        The kind of DIRECTORY is recognised (as `export verify` does) and sets the default --path-in-repo;
+        --dry-run shows the destination of every file and the path chosen."""
         from exporters.hub_upload import upload
 
         plan = upload(directory, repo, path_in_repo=path_in_repo, revision=revision, private=private, dry_run=dry_run)
