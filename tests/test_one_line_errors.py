@@ -140,17 +140,29 @@ def test_full_disk_during_collect_keeps_a_resumable_store(tiny, tmp_path):
 
 
 @needs_tmpfs
-@pytest.mark.parametrize("kind, workers", [("json", "1"), ("json", "2"), ("pack", "1")])
+@pytest.mark.parametrize("kind, workers", [("json", "1"), ("json", "2"), ("pack", "1"), ("metadata", None)])
 def test_full_disk_during_export_leaves_no_output(tiny, tmp_path, kind, workers):
     mount = tmp_path / "disk"
     out = mount / "out"
-    result = on_small_disk(mount, 256, ["export", kind, str(tiny["store_path"]), "--out", str(out),
-                                        "--workers", workers], after=f"ls -A '{mount}' >&2; echo listed >&2")
-    final = out / "features" if kind == "json" else out
-    one_line_error(_rc(result), result.stderr, f"cannot write {final}: No space left on device",
-                   "nothing was written there")
+    size = len(_metadata_bytes(tiny)) if kind == "metadata" else 0  # a disk of half the file
+    result = on_small_disk(mount, max(size // 2048, 4) if kind == "metadata" else 256,
+                           ["export", kind, str(tiny["store_path"]), "--out", str(out)] +
+                           (["--workers", workers] if workers else []),
+                           after=f"ls -A '{mount}' >&2; echo listed >&2")
+    if kind == "metadata":
+        one_line_error(_rc(result), result.stderr, f"cannot write {out / 'feature_metadata.json'}: No space left")
+    else:
+        final = out / "features" if kind == "json" else out
+        one_line_error(_rc(result), result.stderr, f"cannot write {final}: No space left on device",
+                       "nothing was written there")
     listing = result.stderr.split(f"rc={_rc(result)}\n", 1)[1].split("listed")[0]
     assert listing.strip() == ""  # no output folder, no staging folder, no empty parent
+
+
+def _metadata_bytes(tiny) -> bytes:
+    from exporters.metadata import feature_metadata
+
+    return json.dumps(feature_metadata(tiny["store"])).encode()
 
 
 # ---- what failed and killed exports leave behind ----
