@@ -15,7 +15,13 @@ def _judge_options(default_model: str):
                               "(Ollama), https://openrouter.ai/api/v1 [env OPENAI_BASE_URL, else api.openai.com]. "
                               "The key comes from OPENAI_API_KEY or ./.env."),
             click.option("--concurrency", type=click.IntRange(1), default=32, show_default=True, help="Requests in flight."),
-            click.option("--timeout", type=click.FloatRange(0.1), default=120.0, show_default=True, help="Seconds per request."),
+            click.option("--timeout", type=click.FloatRange(0.1), default=120.0, show_default=True,
+                         help="Seconds for each whole request (from sending to the last byte of the answer)."),
+            click.option("--max-wait", type=click.FloatRange(0), default=60.0, show_default=True,
+                         help="Longest wait between tries (backoff, Retry-After); an endpoint asking to wait longer "
+                              "ends the question as an error (rerun later to retry it)."),
+            click.option("--budget", type=click.FloatRange(0.1), default=600.0, show_default=True,
+                         help="Longest one question may take, all tries and waits included; then it is an error."),
             click.option("--max-tokens", type=click.IntRange(16), default=4096, show_default=True,
                          help="Output token limit per request (sent as max_completion_tokens to reasoning models)."),
             click.option("--temperature", type=float, default=None, help="Sampling temperature (default: the endpoint's)."),
@@ -51,6 +57,7 @@ def _settings(kwargs: dict):
 
     judge = JudgeSettings(model=kwargs.pop("model"), base_url=kwargs.pop("base_url"),
                           concurrency=kwargs.pop("concurrency"), timeout_s=kwargs.pop("timeout"),
+                          max_wait_s=kwargs.pop("max_wait"), budget_s=kwargs.pop("budget"),
                           max_output_tokens=kwargs.pop("max_tokens"), temperature=kwargs.pop("temperature"),
                           answer_attempts=kwargs.pop("attempts"))
     evidence = EvidenceSettings(before=kwargs.pop("before"), after=kwargs.pop("after"), n_top=kwargs.pop("n_top"),
@@ -70,6 +77,10 @@ def _report(result) -> None:
                f"completion tokens {result.completion_tokens}")
     if result.report:
         click.echo(result.report)
+    if result.n_failed:
+        click.echo(f"{result.n_failed} of {result.n_selected} features ended in error (status=error rows); "
+                   "rerun the same command to retry them")
+        click.get_current_context().exit(1)
 
 
 def register(group: click.Group) -> None:
@@ -80,6 +91,7 @@ def register(group: click.Group) -> None:
 
         One row per feature lands in STORE/interp/classifications as it completes (view: classifications).
         Rerunning the same command resumes; errors are rows with status=error and are retried on resume.
+        Exits 1 when any feature ends in error (the count is the last line), 2 on bad options or state.
         """
         import featurestore as fs
         from featurestore.interp import classify
@@ -100,6 +112,7 @@ def register(group: click.Group) -> None:
 
         Results land in STORE/interp/{explanations,detection_scores,detection_examples} (views of the same names);
         the summary gives mean accuracy, balanced accuracy, precision, recall and F1 with 95% bootstrap CIs.
+        Exits 1 when any feature ends in error (the count is the last line), 2 on bad options or state.
         """
         import featurestore as fs
         from featurestore.interp import autointerp

@@ -115,7 +115,7 @@ def register_glob_view(con: duckdb.DuckDBPyConnection, root: Path, name: str, pa
 # ---- interp (LLM judges): files under interp/<table>/run=<run_id>/, written by featurestore.interp.tables.
 # A resumed run may append a newer row for a key that failed before: the views keep the latest row per key.
 INTERP_VIEWS: dict[str, tuple[str, pa.Schema, tuple[str, ...] | None]] = {  # view -> (table, schema, key or None = raw)
-    "interp_runs": ("runs", schema.INTERP_RUNS, None),  # one row per invocation
+    "interp_invocations": ("runs", schema.INTERP_RUNS, None),  # one row per invocation (interp_runs: per run)
     "interp_requests": ("requests", schema.INTERP_REQUESTS, None),  # every HTTP request, prompt/response zstd
     "classifications": ("classifications", schema.INTERP_CLASSIFICATIONS, ()),
     "explanations": ("explanations", schema.INTERP_EXPLANATIONS, ()),
@@ -138,6 +138,15 @@ def register_interp_views(con: duckdb.DuckDBPyConnection, root: Path) -> None:
             partition = ", ".join(("run_id", "source", "layer", "feature") + key)
             select += f" QUALIFY row_number() OVER (PARTITION BY {partition} ORDER BY created_at DESC) = 1"
         con.execute(f"CREATE OR REPLACE VIEW {name} AS {select}")
+    con.execute(f"CREATE OR REPLACE VIEW interp_runs AS {INTERP_RUNS_SELECT}")
+
+
+# One row per run: identity as first started, settings of the latest invocation, the invocations counted.
+INTERP_RUNS_SELECT = """SELECT run_id, arg_min(kind, started_at) AS kind, arg_min(settings_hash, started_at) AS settings_hash,
+        arg_min(judge_model, started_at) AS judge_model, arg_min(base_url_host, started_at) AS base_url_host,
+        arg_min(prompt_version, started_at) AS prompt_version, arg_max(settings, started_at) AS settings,
+        min(started_at) AS started_at, max(started_at) AS last_started_at, count(*)::BIGINT AS invocations
+    FROM interp_invocations GROUP BY run_id"""
 
 
 def _interp_type(t: pa.DataType) -> str:

@@ -26,6 +26,7 @@ class Reply:
     delay_s: float = 0.0
     finish_reason: str = "stop"
     usage: tuple[int, int] = (100, 20)
+    trickle_s: float = 0.0  # send the body one byte every trickle_s seconds (a server that never quite stalls)
 
 
 def error_reply(status: int, message: str, *, param: str | None = None, headers: dict | None = None,
@@ -153,7 +154,13 @@ class _Handler(BaseHTTPRequestHandler):
             for key, value in reply.headers.items():
                 self.send_header(key, str(value))
             self.end_headers()
-            self.wfile.write(data)
+            if reply.trickle_s:
+                for i in range(len(data)):
+                    self.wfile.write(data[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(reply.trickle_s)
+            else:
+                self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout): that is the behaviour under test
 

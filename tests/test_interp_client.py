@@ -68,7 +68,8 @@ def test_retry_after_forms():
     assert retry_after_seconds({"retry-after-ms": "1500"}) == 1.5
     assert retry_after_seconds({"retry-after": "7"}) == 7.0
     assert retry_after_seconds({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0  # in the past
-    assert retry_after_seconds({"retry-after": "99999"}) == 600.0
+    assert retry_after_seconds({"retry-after": "99999"}) == 99999.0  # as said; the client caps its waits
+    assert retry_after_seconds({"retry-after": "nan"}) is None and retry_after_seconds({"retry-after": "inf"}) == float("inf")
     assert retry_after_seconds({}) is None
 
 

@@ -183,6 +183,17 @@ class ScriptedDetector(AutoJudge):
 EXCERPT = re.compile(r'^Excerpt (\d+):\n"""(.*?)"""$', re.S | re.M)
 
 
+def readable_window(store, seq: int, lo: int, hi: int) -> str:
+    """The window's text as people read it: split characters merged, decoded with 3 tokens of context each side."""
+    from featurestore.text import merge_partial_bytes
+
+    rows = store.sql("SELECT t.pos, t.token, CASE WHEN v.partial_utf8 THEN v.raw END FROM tokens t JOIN vocab v "
+                     "USING (token_id) WHERE seq_id = ? AND pos BETWEEN ? AND ? ORDER BY pos",
+                     params=[seq, lo - 3, hi + 3]).fetchall()
+    merged = merge_partial_bytes([r[2] for r in rows], [r[1] for r in rows])
+    return "".join(text for (pos, _, _), text in zip(rows, merged) if lo <= pos <= hi)
+
+
 def test_autointerp_scores_honestly(store):
     with OpenAIStub(ScriptedDetector()) as stub:
         result = autointerp(store, judge(stub), n_per_layer=3, evidence=EVIDENCE, progress=False, api_key="k")
@@ -264,9 +275,7 @@ def test_autointerp_scores_honestly(store):
                             params=[rid, entry["layer"], entry["feature"], condition,
                                     entry["purpose"].startswith("control")]).fetchall()
         shown = [text for _, text in EXCERPT.findall(user)]
-        expected = ["".join(t for (t,) in store.sql(
-            "SELECT token FROM tokens WHERE seq_id = ? AND pos BETWEEN ? AND ? ORDER BY pos",
-            params=[seq, lo, hi]).fetchall()) for _, seq, lo, hi in windows]
+        expected = [readable_window(store, seq, lo, hi) for _, seq, lo, hi in windows]
         assert shown == expected
         checked += 1
     assert checked == 9 * 4

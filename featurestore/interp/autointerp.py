@@ -162,12 +162,12 @@ def autointerp(store, judge: JudgeSettings | None = None, *, n_per_layer: int = 
         try:
             await pipeline(batches_by_layer(todo, batch_size), prepare, explain_and_score, judge.concurrency,
                            "explain+detect", progress,
-                           tick=writer.flush, tick_seconds=flush_seconds)
+                           tick=writer.flush, tick_seconds=flush_seconds, status=run)
             donors = control_donors([k for k in selected if k in described], seed) if control else {}
             pending = [k for k in selected if k in donors and any((*k, c, True) not in scored for c in CONDITIONS)]
             await pipeline(batches_by_layer(pending, batch_size), prepare_control, score_control, judge.concurrency,
                            "control", progress,
-                           tick=writer.flush, tick_seconds=flush_seconds)
+                           tick=writer.flush, tick_seconds=flush_seconds, status=run)
         finally:
             await client.close()
         return run
@@ -229,8 +229,9 @@ def _summary(root, rid, resumed, selected, todo, run: JudgeRun) -> RunSummary:
     for key in selected:
         status = latest_expl.get(key, "missing")
         counts[status] = counts.get(status, 0) + 1
+    failed = {k for k, s in latest_expl.items() if s == "error"} | {k[:2] for k, r in latest.items() if r["status"] == "error"}
     summary = RunSummary(rid, KIND, resumed, len(selected), len(selected) - len(todo), counts, run.n_requests,
-                         run.prompt_tokens, run.completion_tokens)
+                         run.prompt_tokens, run.completion_tokens, n_failed=len(failed & set(selected)))
     wanted = set(selected)
     summary.report = format_summary(summarize([r for k, r in latest.items() if (k[0], k[1]) in wanted]))
     return summary

@@ -89,7 +89,7 @@ def classify(store, judge: JudgeSettings | None = None, *, n_per_layer: int = 25
 
         try:
             await pipeline(batches_by_layer(todo, batch_size), prepare, handle, judge.concurrency, "classify", progress,
-                           tick=writer.flush, tick_seconds=flush_seconds)
+                           tick=writer.flush, tick_seconds=flush_seconds, status=run)
         finally:
             await client.close()
         return run
@@ -105,7 +105,7 @@ def classify(store, judge: JudgeSettings | None = None, *, n_per_layer: int = 25
         lock.release()
         store.refresh()
     summary = RunSummary(rid, KIND, resumed, len(selected), len(selected) - len(todo), dict(counts), run.n_requests,
-                         run.prompt_tokens, run.completion_tokens)
+                         run.prompt_tokens, run.completion_tokens, n_failed=counts.get("error", 0))
     summary.report = "categories this invocation: " + (", ".join(f"{k} {v}" for k, v in categories.most_common()) or "none")
     return summary
 

@@ -5,7 +5,9 @@ endpoint serves at 32 concurrent requests; so statistics, logit lens, top and qu
 and region counts and the token windows of a whole batch come from a handful of SQL queries over the
 store's views (through a cursor of its own, so the builder can run in a background thread). Windows are
 assembled exactly as ``Feature.examples_at`` does: display text from the ``tokens`` view, this feature's
-activation at every window token, clipped to the sequence.
+activation at every window token, clipped to the sequence. The judges read the windows as text, so a
+character split across byte-level tokens is merged (``featurestore.text.merge_partial_bytes``: it shows on
+the token that completes it) instead of reaching them as ``\\xNN`` escapes.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..features import Example
+from ..text import merge_partial_bytes
 from ..views import activation_scan
 
 
@@ -53,6 +56,7 @@ class FeatureEvidence:
 
 
 Row = tuple  # (seq_id, pos, act)
+EDGE = 3  # tokens decoded beyond each end of a window: a UTF-8 character spans at most 4 byte-level tokens
 
 
 def windows_conflict(a: tuple[int, int], b: tuple[int, int], span: int) -> bool:
@@ -77,6 +81,8 @@ class EvidenceBuilder:
         self.con.execute("SET parquet_metadata_cache = true")  # store files are immutable once renamed in
         self.covered = self._covered_predicate()
         self._baseline: tuple[dict, dict] | None = None
+        # only tokens holding part of a UTF-8 character need their bytes; the others read as their display text
+        self._partial = dict(self.con.execute("SELECT token_id, raw FROM vocab WHERE partial_utf8 AND raw IS NOT NULL").fetchall())
 
     def close(self) -> None:
         self.con.close()
@@ -189,8 +195,8 @@ class EvidenceBuilder:
         if not wanted:
             return []
         spans = pa.table({"seq_id": pa.array([w[1] for w in wanted], pa.int32()),
-                          "lo": pa.array([max(0, w[2] - w[3]) for w in wanted], pa.int32()),
-                          "hi": pa.array([w[2] + w[4] for w in wanted], pa.int32())})
+                          "lo": pa.array([max(0, w[2] - w[3] - EDGE) for w in wanted], pa.int32()),
+                          "hi": pa.array([w[2] + w[4] + EDGE for w in wanted], pa.int32())})
         features = sorted({w[0] for w in wanted})
         self.con.register("_interp_windows", spans)
         try:
@@ -209,13 +215,26 @@ class EvidenceBuilder:
         out = []
         for feature, seq_id, pos, before, after in wanted:
             window = [p for p in range(max(0, pos - before), pos + after + 1) if (seq_id, p) in tokens]
+            token_ids = [tokens[seq_id, p][0] for p in window]
+            texts = [tokens[seq_id, p][1] for p in window]
+            if any(t in self._partial for t in token_ids):
+                texts = self._readable(tokens, seq_id, window)
             out.append(Example(
                 seq_id=seq_id, pos=pos, act=acts.get((feature, seq_id, pos), 0.0),
-                token_ids=[tokens[seq_id, p][0] for p in window], tokens=[tokens[seq_id, p][1] for p in window],
+                token_ids=token_ids, tokens=texts,
                 acts=[acts.get((feature, seq_id, p), 0.0) for p in window],
                 train_token_ind=window.index(pos) if pos in window else -1,
                 domain=domains.get(seq_id) or "", region=tokens[seq_id, pos][2] if (seq_id, pos) in tokens else ""))
         return out
+
+    def _readable(self, tokens: dict, seq_id: int, window: list[int]) -> list[str]:
+        """The window's display strings with split characters merged, decoded with EDGE tokens of context on
+        each side: a character cut by the window's start shows whole, one cut by its end is left out."""
+        context = [p for p in range(window[0] - EDGE, window[-1] + EDGE + 1) if (seq_id, p) in tokens]
+        ids = [tokens[seq_id, p][0] for p in context]
+        merged = dict(zip(context, merge_partial_bytes([self._partial.get(t) for t in ids],
+                                                       [tokens[seq_id, p][1] for p in context])))
+        return [merged[p] for p in window]
 
     # ---- evidence per batch
     def _assemble(self, layer: int, chosen: dict[int, tuple[list[Row], list[tuple[int, Row]]]]) -> dict[int, FeatureEvidence]:

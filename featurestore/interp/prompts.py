@@ -15,7 +15,7 @@ from .answers import CLASSIFICATION_SCHEMA, DESCRIPTION_WORDS, EXPLANATION_SCHEM
 if TYPE_CHECKING:
     from .evidence import FeatureEvidence
 
-RENDER_VERSION = 1  # bump when the rendering code below changes what the judge sees
+RENDER_VERSION = 2  # bump when the rendering code below changes what the judge sees
 MARK_OPEN, MARK_CLOSE = "<<<", ">>>"
 OTHER_ACTIVE_SHOWN = 8
 
@@ -87,10 +87,19 @@ def excerpt_text(example) -> str:
     return "".join(example.tokens)
 
 
+def _char_end(tokens, i: int) -> int:
+    """Tokens holding the first bytes of a character show "" (it shows on the token completing it): i..end."""
+    j = i
+    while not tokens[j] and j + 1 < len(tokens):
+        j += 1
+    return j
+
+
 def marked_text(example) -> str:
     tokens = list(example.tokens)
     i = example.train_token_ind
-    tokens[i] = f"{MARK_OPEN}{tokens[i]}{MARK_CLOSE}"
+    j = _char_end(tokens, i)
+    tokens[i:j + 1] = [f"{MARK_OPEN}{''.join(tokens[i:j + 1])}{MARK_CLOSE}"]
     return "".join(tokens)
 
 
@@ -102,7 +111,9 @@ def other_active(example) -> str:
     """The strongest other active tokens of the window, e.g. ``" so" 2.10, "Wait" 1.05``."""
     pairs = [(act, i) for i, act in enumerate(example.acts) if act > 0 and i != example.train_token_ind]
     pairs.sort(reverse=True)
-    shown = ", ".join(f"{_token(example.tokens[i])} {act:.2f}" for act, i in pairs[:OTHER_ACTIVE_SHOWN])
+    tokens = example.tokens
+    shown = ", ".join(f"{_token(''.join(tokens[i:_char_end(tokens, i) + 1]))} {act:.2f}"
+                      for act, i in pairs[:OTHER_ACTIVE_SHOWN])
     more = f" (+{len(pairs) - OTHER_ACTIVE_SHOWN} more)" if len(pairs) > OTHER_ACTIVE_SHOWN else ""
     return (shown + more) if shown else "none"
 

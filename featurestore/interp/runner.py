@@ -57,6 +57,7 @@ class RunSummary:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     report: str = ""
+    n_failed: int = 0  # selected features whose latest result in this run is an error (the CLI exits 1)
 
 
 def settings_hash(kind: str, judge: JudgeSettings, prompt_version: str, extra: dict) -> str:
@@ -134,6 +135,19 @@ class JudgeRun:
         self.run_id, self.source, self.prompt_version = run_id, source, prompt_version
         self.progress = progress
         self.n_requests = self.prompt_tokens = self.completion_tokens = 0
+        self.n_failed_questions = 0
+        self.listener: Callable[[], None] | None = None
+        client.waits.listener = self._changed
+
+    def _changed(self) -> None:
+        if self.listener is not None:
+            self.listener()
+
+    def text(self) -> str:
+        """The progress line's postfix: questions that ended in error, requests waiting to be retried."""
+        parts = [f"{self.n_failed_questions} failed"] if self.n_failed_questions else []
+        waiting = self.client.waits.text()
+        return "; ".join(parts + ([waiting] if waiting else []))
 
     def identity(self, layer: int, feature: int) -> dict:
         return {"run_id": self.run_id, "source": self.source, "layer": layer, "feature": feature,
@@ -161,6 +175,8 @@ class JudgeRun:
             except RequestFailed as exc:
                 self._log(layer, feature, purpose, exc.attempts, asked.n_requests + 1, asked)
                 asked.error = f"request failed: {exc}"
+                self.n_failed_questions += 1
+                self._changed()
                 return asked
             last = completion.attempts[-1]
             try:
@@ -176,6 +192,8 @@ class JudgeRun:
                 last.outcome, last.error = "invalid", f"invalid answer: {problem}"
                 self._log(layer, feature, purpose, completion.attempts, asked.n_requests + 1, asked)
         asked.error = f"invalid answer after {self.client.settings.answer_attempts} tries: {problem}"
+        self.n_failed_questions += 1
+        self._changed()
         return asked
 
 
@@ -189,15 +207,26 @@ def batches_by_layer(items: list[tuple[int, int]], size: int) -> list[tuple[int,
 
 async def pipeline(batches: list[tuple[int, list[int]]], prepare: Callable[[int, list[int]], list],
                    handle: Callable[[Any], Awaitable[None]], workers: int, desc: str, progress: bool,
-                   tick: Callable[[], None] | None = None, tick_seconds: float = 5.0) -> None:
+                   tick: Callable[[], None] | None = None, tick_seconds: float = 5.0, status=None) -> None:
     """``prepare`` (blocking store queries, one batch at a time) runs in a background thread ahead of the
     ``workers`` async handlers; a failed batch becomes one PrepareFailed job per feature. ``tick`` (the
-    writer's flush) runs every ``tick_seconds`` even while every request is still waiting."""
+    writer's flush) runs every ``tick_seconds`` even while every request is still waiting. ``status`` (a
+    JudgeRun) supplies the progress line's postfix, refreshed when it changes and every second."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue(maxsize=max(2, 2 * workers))
     total = sum(len(features) for _, features in batches)
     bar = tqdm(total=total, desc=desc, unit="feature", file=sys.stderr, disable=not progress, dynamic_ncols=True)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evidence")
+    shown = [""]
+
+    def show() -> None:
+        text = status.text()
+        if text != shown[0]:
+            shown[0] = text
+            bar.set_postfix_str(text, refresh=True)
+
+    if status is not None and progress:
+        status.listener = show
 
     def guarded(layer: int, features: list[int]) -> list:
         try:
@@ -228,13 +257,22 @@ async def pipeline(batches: list[tuple[int, list[int]]], prepare: Callable[[int,
             await asyncio.sleep(tick_seconds)
             tick()
 
+    async def countdown() -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            show()
+
     tasks = [asyncio.ensure_future(producer())] + [asyncio.ensure_future(worker()) for _ in range(max(1, workers))]
-    clock = asyncio.ensure_future(ticker()) if tick else None
+    clocks = [asyncio.ensure_future(ticker())] if tick else []
+    if status is not None and progress:
+        clocks.append(asyncio.ensure_future(countdown()))
     try:
         await asyncio.gather(*tasks)
     finally:
-        if clock:
+        for clock in clocks:
             clock.cancel()
+        if status is not None:
+            status.listener = None
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
