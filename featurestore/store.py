@@ -88,10 +88,8 @@ class Store:
 
     def _interp_runs(self) -> list[dict]:
         """One entry per judge run (a resumed run is one run): what it labelled and how it went."""
-        runs = self.con.execute("""
-            SELECT run_id, any_value(kind ORDER BY started_at), any_value(judge_model ORDER BY started_at),
-                   min(started_at)::VARCHAR, count(*) FROM interp_runs GROUP BY run_id ORDER BY min(started_at), run_id
-            """).fetchall()
+        runs = self.con.execute("""SELECT run_id, kind, judge_model, started_at::VARCHAR, invocations FROM interp_runs
+                                   ORDER BY started_at, run_id""").fetchall()
         outcomes: dict[str, dict[str, int]] = {}
         for table in ("classifications", "explanations"):
             for run_id, status, n in self.con.execute(

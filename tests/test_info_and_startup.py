@@ -54,12 +54,12 @@ def test_info_lists_judge_runs_and_graphs(attributed, capsys):
     info = fs.open(attributed["store"]).info()
     assert [(r["run_id"], r["kind"], r["judge_model"]) for r in info["interp_runs"]] == \
         [(result.run_id, "classify", "judge-model")]
-    assert info["interp_runs"][0]["invocations"] >= 1 and info["interp_runs"][0]["features"] == {"ok": 3}
+    assert info["interp_runs"][0]["invocations"] == 2 and info["interp_runs"][0]["features"] == {"ok": 3}
     assert [g["slug"] for g in info["graphs"]["graphs"]] == ["run__a", "run__b"]
     assert all(g["nodes"] > 0 for g in info["graphs"]["graphs"])
     assert main(["info", str(attributed["store"])]) == 0
     out = capsys.readouterr().out
-    assert f"judge run  {result.run_id} (classify, judge-model) started " in out and ": 3 ok" in out
+    assert f"judge run  {result.run_id} (classify, judge-model) started " in out and "2 invocations: 3 ok" in out
 
 
 def test_graph_nodes_readme_example_counts_features_only(attributed):
