@@ -47,7 +47,10 @@ def capped_top_k(acts: np.ndarray, seqs: np.ndarray, ordered: np.ndarray, k: int
     """``top_k`` keeping at most ``cap`` rows per sequence (each sequence's highest, ties by pos), as
     ``Feature.top_examples(max_per_sequence=cap)``. The plain top-k is tried first: usually it already fits."""
     chosen = top_k(acts, ordered, k)
-    if cap is None or len(chosen) == 0 or np.bincount(np.unique(seqs[chosen], return_inverse=True)[1]).max() <= cap:
+    if cap is None or len(chosen) <= cap:
+        return chosen
+    chosen_seqs = np.sort(seqs[chosen])
+    if not (chosen_seqs[cap:] == chosen_seqs[:-cap]).any():  # no sequence appears more than cap times
         return chosen
     order = np.argsort(-acts, kind="stable")  # activation descending, ties by row = (seq_id, pos)
     by_seq = np.argsort(seqs[order], kind="stable")
@@ -76,10 +79,30 @@ def _concat(parts: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return np.concatenate(parts), np.repeat(np.arange(len(parts)), lengths), _positions(lengths)
 
 
-def _bucket_sizes(block: BlockRows, inner: np.ndarray, i: int) -> np.ndarray:
-    """Rows of feature i in each interval bucket (a range bucket may hold fewer than ``per_interval``, or none)."""
-    acts = block.act[block.starts[i]:block.starts[i + 1]]
-    return np.bincount((inner[i][None, :] < acts[:, None]).sum(axis=1), minlength=inner.shape[1] + 1)
+def _fill_short_buckets(block: BlockRows, inner: np.ndarray, prefixes: list[np.ndarray], rows: np.ndarray,
+                        rank: np.ndarray, bucket: np.ndarray, position: np.ndarray, per_interval: int):
+    """Interval candidates: the seeded prefix, except for buckets the prefix holds fewer than ``per_interval`` rows
+    of while the feature holds more (ties, an unlucky key order, or a sparse activation range, the common case of
+    the top range): those buckets take all their rows, ordered by (key, row) as the seeded order is. Array
+    operations over the block, so sparse ranges cost no per-feature sort."""
+    n_features, n_intervals = len(block.features), inner.shape[1] + 1
+    found = np.bincount(rank * n_intervals + bucket, minlength=n_features * n_intervals).reshape(-1, n_intervals)
+    whole = np.fromiter(map(len, prefixes), dtype=np.int64, count=n_features) == np.diff(block.starts)
+    maybe = ~whole[:, None] & (found < per_interval)
+    if not maybe.any():
+        return rows, rank, bucket, position
+    every_rank = np.repeat(np.arange(n_features), np.diff(block.starts))
+    every_bucket = (inner[every_rank] < block.act[:, None]).sum(axis=1)
+    held = np.bincount(every_rank * n_intervals + every_bucket, minlength=n_features * n_intervals).reshape(found.shape)
+    short = (maybe & (found < np.minimum(per_interval, held))).ravel()
+    if not short.any():
+        return rows, rank, bucket, position
+    extra = np.flatnonzero(short[every_rank * n_intervals + every_bucket])
+    extra = extra[np.lexsort((extra, block.key[extra]))]  # seeded order: by key, ties by row
+    keep = ~short[rank * n_intervals + bucket]
+    return (np.concatenate([rows[keep], extra]), np.concatenate([rank[keep], every_rank[extra]]),
+            np.concatenate([bucket[keep], every_bucket[extra]]),
+            np.concatenate([position[keep], np.arange(len(extra))]))  # within a group, one source only
 
 
 def select_examples(block: BlockRows, options) -> Selection:
@@ -106,33 +129,26 @@ def select_examples(block: BlockRows, options) -> Selection:
                                  getattr(options, "max_per_sequence", None)) + start)
         prefixes.append(seeded_prefix(block.key[start:stop], wanted) + start)
     rows, rank, position = _concat(prefixes)
-    bucket = (inner[rank] < block.act[rows][:, None]).sum(axis=1)  # = searchsorted(bounds, act, "left")
-    if n_intervals:  # a prefix short of some bucket (ties, or an unlucky key order): take that feature's full order
-        found = np.bincount(rank * n_intervals + bucket, minlength=n_features * n_intervals).reshape(-1, n_intervals)
-        whole = np.fromiter(map(len, prefixes), dtype=np.int64, count=n_features) == np.diff(block.starts)
-        short = [i for i in np.flatnonzero(~whole & (found < options.per_interval).any(axis=1)).tolist()
-                 if (found[i] < np.minimum(options.per_interval, _bucket_sizes(block, inner, i))).any()]
-        if short:
-            for i in short:
-                prefixes[i] = np.argsort(block.key[bounds[i]:bounds[i + 1]], kind="stable") + bounds[i]
-            rows, rank, position = _concat(prefixes)
-            bucket = (inner[rank] < block.act[rows][:, None]).sum(axis=1)
-
     top_rows, top_rank, top_position = _concat(tops)
     random = position < options.n_random
-    group = 2 + (n_intervals - 1 - bucket)
-    by_group = np.lexsort((position, group, rank))
-    run_key = rank[by_group] * n_groups + group[by_group]
+    i_rows, i_rank, i_position = rows, rank, position  # the rows the interval groups choose from
+    i_bucket = (inner[rank] < block.act[rows][:, None]).sum(axis=1)  # = searchsorted(bounds, act, "left")
+    if n_intervals:
+        i_rows, i_rank, i_bucket, i_position = _fill_short_buckets(block, inner, prefixes, rows, rank, i_bucket,
+                                                                   position, options.per_interval)
+    group = 2 + (n_intervals - 1 - i_bucket)
+    by_group = np.lexsort((i_position, group, i_rank))
+    run_key = i_rank[by_group] * n_groups + group[by_group]
     run_start = np.ones(len(run_key), dtype=bool)
     run_start[1:] = run_key[1:] != run_key[:-1]
     first = np.maximum.accumulate(np.where(run_start, np.arange(len(run_key)), 0))
     interval = by_group[np.arange(len(run_key)) - first < options.per_interval] if n_intervals else by_group[:0]
 
-    all_rows = np.concatenate([top_rows, rows[random], rows[interval]])
-    all_rank = np.concatenate([top_rank, rank[random], rank[interval]])
+    all_rows = np.concatenate([top_rows, rows[random], i_rows[interval]])
+    all_rank = np.concatenate([top_rank, rank[random], i_rank[interval]])
     all_group = np.concatenate([np.zeros(len(top_rows), dtype=np.int64), np.ones(int(random.sum()), dtype=np.int64),
                                 group[interval]])
-    all_position = np.concatenate([top_position, position[random], position[interval]])
+    all_position = np.concatenate([top_position, position[random], i_position[interval]])
     order = np.lexsort((all_position, all_group, all_rank))
     counts = np.bincount(all_rank * n_groups + all_group, minlength=n_features * n_groups).reshape(-1, n_groups)
     return Selection(rank=all_rank[order], group=all_group[order], row=all_rows[order], counts=counts,
