@@ -8,11 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from featurestore.errors import UserError
 
-from .api import attribute, check_options
 from .prompts import prompt_files, read_prompt_file
 
 
@@ -62,14 +59,10 @@ def attribute_prompts(
     log: Callable[[str], None] = print,
     progress: bool = True,
 ) -> list[PromptOutcome]:
-    """One graph per prompt file into ``out_dir`` (and ``store``); returns one outcome per file."""
-    from exporters import graph_json
-    from featurestore.modeling import load_model, load_tokenizer
+    """One graph per prompt file into ``out_dir`` (and ``store``); returns one outcome per file.
 
-    from . import store_output
-
-    check_options(max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob, batch_size=batch_size,
-                  max_feature_nodes=max_feature_nodes, injection=injection)
+    Finished prompts (their ``{slug}.json`` exists in ``out_dir``) are skipped before torch or the model is loaded,
+    so a rerun of a finished run returns at once."""
     for name, value in (("node threshold", node_threshold), ("edge threshold", edge_threshold)):
         if not 0.0 <= value <= 1.0:
             raise UserError(f"{name} must be between 0 and 1 (got {value})")
@@ -78,6 +71,24 @@ def attribute_prompts(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"output path {out} is a file, not a directory")
+    finished = {path for path in files if (out / f"{slug_for(run_name, path)}.json").exists()}
+    pending = [path for path in files if path not in finished]
+    log(f"{len(files)} prompt file{'s' if len(files) != 1 else ''}: {len(finished)} already in {out}, "
+        f"{len(pending)} to attribute")
+    if not pending:
+        return [_skipped(run_name, path, log) for path in files]
+
+    import torch
+
+    from exporters import graph_json
+    from featurestore.modeling import load_model, load_tokenizer
+
+    from . import store_output
+    from .api import attribute, check_options
+
+    check_options(max_n_logits=max_n_logits, desired_logit_prob=desired_logit_prob, batch_size=batch_size,
+                  max_feature_nodes=max_feature_nodes, injection=injection)
+    log(f"loading {checkpoint} ...")
     model, info = load_model(checkpoint, dtype=dtype, device=device)
     tokenizer = load_tokenizer(info.path)
     sink = store_output.StoreSink.open(store, info, out, run_name) if store is not None else None
@@ -92,9 +103,8 @@ def attribute_prompts(
     outcomes = []
     for path in files:
         slug = slug_for(run_name, path)
-        if (out / f"{slug}.json").exists():
-            outcomes.append(PromptOutcome(slug, path, "skipped"))
-            log(f"{slug}: skipped ({slug}.json exists)")
+        if path in finished or (out / f"{slug}.json").exists():
+            outcomes.append(_skipped(run_name, path, log))
             continue
         started = time.perf_counter()
         try:
@@ -118,6 +128,12 @@ def attribute_prompts(
         outcomes.append(PromptOutcome(slug, path, "written", details=details))
         log(f"{slug}: {details['summary']}")
     return outcomes
+
+
+def _skipped(run_name: str, path: Path, log: Callable[[str], None]) -> PromptOutcome:
+    slug = slug_for(run_name, path)
+    log(f"{slug}: skipped ({slug}.json exists)")
+    return PromptOutcome(slug, path, "skipped")
 
 
 def describe(graph, written, tokenizer, seconds: float) -> dict:

@@ -19,8 +19,13 @@ def _document_options(function):
         click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random samples."),
         click.option("--before", type=click.IntRange(0), default=50, show_default=True, help="Window tokens before."),
         click.option("--after", type=click.IntRange(0), default=20, show_default=True, help="Window tokens after."),
+        click.option("--max-per-sequence", type=click.IntRange(0), default=2, show_default=True,
+                     help="At most this many top activations from one sequence (0: no cap, as the original)."),
         click.option("--intervals", type=click.IntRange(0), default=5, show_default=True,
-                     help="Interval groups of equally many activations (0: none)."),
+                     help="Interval groups below the top (0: none)."),
+        click.option("--interval-kind", type=click.Choice(["range", "count"]), default="range", show_default=True,
+                     help="range: equal activation ranges of (0, max], the viewer's histogram bins, so a weak mode "
+                          "gets its own group; count: equally many activations per group (the original)."),
         click.option("--per-interval", type=click.IntRange(1), default=3, show_default=True, help="Examples per interval group."),
         click.option("--histogram-bins", type=click.IntRange(1), default=50, show_default=True),
         click.option("--workers", type=click.IntRange(1), default=None, help="Processes (default: all cores)."),
@@ -39,7 +44,9 @@ def _options_from(kwargs: dict):
 
     return DocumentOptions(top_k=kwargs.pop("top_k"), n_random=kwargs.pop("n_random"), seed=kwargs.pop("seed"),
                            before=kwargs.pop("before"), after=kwargs.pop("after"), n_intervals=kwargs.pop("intervals"),
-                           per_interval=kwargs.pop("per_interval"), histogram_bins=kwargs.pop("histogram_bins")), \
+                           per_interval=kwargs.pop("per_interval"), histogram_bins=kwargs.pop("histogram_bins"),
+                           max_per_sequence=kwargs.pop("max_per_sequence") or None,
+                           interval_kind=kwargs.pop("interval_kind")), \
         parse_layers(kwargs.pop("layers"))
 
 
@@ -76,17 +83,19 @@ def register(group: click.Group) -> None:
             summary = export_json(handle, out, source=source, options=options, layers=layers, workers=workers)
         click.echo(f"wrote {summary.n_features} feature files to {summary.path}")
         if not no_metadata:
-            click.echo(f"wrote {export_metadata(handle, out, source=source)}")
+            click.echo(f"wrote {export_metadata(handle, out, source=source, layers=layers)}")
 
     @export.command("metadata")
     @click.argument("store")
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Writes OUT/feature_metadata.json.")
     @click.option("--source", type=click.Choice(["transcoder", "neuron"]), default="transcoder", show_default=True)
-    def export_metadata_command(store, out, source):
+    @click.option("--layers", default=None, help="Layers whose features are listed, e.g. 0,3,5-7 (default: all collected).")
+    def export_metadata_command(store, out, source, layers):
         """feature_metadata.json: token totals and per-feature domain/region/thinking-position densities."""
         from exporters.metadata import export_metadata
+        from featurestore.collect_options import parse_layers
 
-        click.echo(f"wrote {export_metadata(_open(store), out, source=source)}")
+        click.echo(f"wrote {export_metadata(_open(store), out, source=source, layers=parse_layers(layers))}")
 
     @export.command("pack")
     @click.argument("store", required=False)
@@ -123,8 +132,10 @@ def register(group: click.Group) -> None:
             else:
                 summary = export_pack(_open(store), out, source=source, options=options, layers=layers,
                                       dead_stub=dead_stub, level=level, workers=workers)
-        click.echo(f"wrote {summary.entries} entries ({summary.dead} dead{' stubs' if dead_stub else ''}) "
-                   f"in {len(summary.layers)} layers, {summary.bytes_written} bytes, to {summary.path}")
+        total = len(summary.layers) * summary.n_features  # every slot of the index: live entries and dead ones
+        dead = f"{summary.dead:,} dead as stub entries" if dead_stub else f"{summary.dead:,} dead (empty)"
+        click.echo(f"wrote {total:,} entries ({summary.entries:,} live, {dead}) in {len(summary.layers)} layers "
+                   f"of {summary.n_features:,}, {summary.bytes_written:,} bytes, to {summary.path}")
 
     @export.command("verify")
     @click.argument("directory", type=click.Path())
@@ -146,13 +157,17 @@ def register(group: click.Group) -> None:
     @group.command("upload")
     @click.argument("directory", type=click.Path(exists=True, file_okay=False))
     @click.option("--repo", required=True, help="OWNER/NAME of the Hugging Face model repo (created if missing).")
-    @click.option("--path-in-repo", default="features", show_default=True,
-                  help="Folder in the repo; the viewer reads packs from a folder named features.")
+    @click.option("--path-in-repo", default=None,
+                  help="Folder in the repo (default by the kind of DIRECTORY: a pack goes to features, where the "
+                       "viewer reads packs; a graph folder to graphs; per-feature JSON to feature-json).")
     @click.option("--revision", default=None, help="Branch to commit to (created if missing; default main).")
     @click.option("--private", is_flag=True, help="Create the repo private (the browser viewer cannot read private repos).")
     @click.option("--dry-run", is_flag=True, help="List what would go where; no token, no network.")
     def upload_command(directory, repo, path_in_repo, revision, private, dry_run):
-        """Upload a verified pack (or JSON or graph directory) to the Hugging Face Hub."""
+        """Upload a verified pack (or JSON or graph directory) to the Hugging Face Hub.
+
+        The kind of DIRECTORY is recognised (as `export verify` does) and sets the default --path-in-repo;
+        --dry-run shows the destination of every file and the path chosen."""
         from exporters.hub_upload import upload
 
         plan = upload(directory, repo, path_in_repo=path_in_repo, revision=revision, private=private, dry_run=dry_run)

@@ -11,6 +11,7 @@ from featurestore.data import FORMATS
 from featurestore.errors import UserError
 
 _DEFAULTS = CollectOptions()
+_LISTED = 10  # graph slugs named by `info`
 
 
 @click.command()
@@ -110,6 +111,17 @@ def info(store, as_json):
     for run in data["runs"]:
         state = "finished " + run["finished"] if run["finished"] else "unfinished"
         click.echo(f"run        {run['source']} started {run['started']}, {state}")
+    for run in data["interp_runs"]:
+        outcome = ", ".join(f"{n:,} {status}" for status, n in sorted(run["features"].items())) or "no features yet"
+        click.echo(f"judge run  {run['run_id']} ({run['kind']}, {run['judge_model']}) started {run['started']}, "
+                   f"{run['invocations']} invocation{'s' if run['invocations'] != 1 else ''}: {outcome}")
+    graphs = data["graphs"]["graphs"]
+    if graphs:
+        shown = ", ".join(g["slug"] for g in graphs[:_LISTED])
+        more = f" and {len(graphs) - _LISTED} more" if len(graphs) > _LISTED else ""
+        click.echo(f"graphs     {len(graphs)} stored: {shown}{more} (see the graphs, graph_nodes views)")
+    else:
+        click.echo("graphs     none stored (featurestore attribute --store STORE adds them)")
 
 
 @click.command()

@@ -19,6 +19,7 @@ from .feature_queries import BlockRows, row_key
 from .token_index import TokenIndex
 
 _encode = json.encoder.encode_basestring_ascii  # what json.dumps(ensure_ascii=True) uses for str
+INTERVAL_KINDS = ("range", "count")
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class DocumentOptions:
     per_interval: int = 3
     histogram_bins: int = 50
     n_quantiles: int = 100
+    # At most this many top activations from one sequence (None: no cap, the original's choice). 2 keeps one long
+    # trace from filling the list (12 of 20 before) while still showing that a feature repeats within a trace.
+    max_per_sequence: int | None = 2
+    # Interval groups: "range" cuts (0, max] into equal activation ranges, the bins of the viewer's histogram and
+    # colour scale, so a weak mode gets its own group; "count" (the original) cuts into equally full buckets.
+    interval_kind: str = "range"
 
     def __post_init__(self):
         for name in ("top_k", "per_interval", "histogram_bins"):
@@ -41,6 +48,10 @@ class DocumentOptions:
         for name in ("n_random", "before", "after", "n_intervals", "n_quantiles"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.max_per_sequence is not None and self.max_per_sequence < 1:
+            raise ValueError("max_per_sequence must be at least 1 (or None for no cap)")
+        if self.interval_kind not in INTERVAL_KINDS:
+            raise ValueError(f"interval_kind must be one of {', '.join(INTERVAL_KINDS)}")
 
 
 class Vocabulary:
@@ -165,12 +176,15 @@ def _frame_sections(pieces: np.ndarray, selection: Selection, feature_first: np.
 
 
 def _section_name(group: int, edges: np.ndarray, options: DocumentOptions) -> str:
+    """The group's header in the viewer, which says what kind of group it is."""
     if group < 2:
         return "Top activations" if group == 0 else "Random samples"
     bucket = options.n_intervals - 1 - (group - 2)
     low, high = edges[bucket], edges[bucket + 1]
-    return (f"Interval {100 * bucket // options.n_intervals}-{100 * (bucket + 1) // options.n_intervals}% "
-            f"({low:.4g} to {high:.4g})")
+    a, b = 100 * bucket // options.n_intervals, 100 * (bucket + 1) // options.n_intervals
+    if options.interval_kind == "range":
+        return f"Activation range {a}-{b}% of max ({low:.4g} to {high:.4g})"
+    return f"Interval {a}-{b}% ({low:.4g} to {high:.4g})"
 
 
 def _histograms(block: BlockRows, act_min: np.ndarray, act_max: np.ndarray, bins: int) -> np.ndarray:

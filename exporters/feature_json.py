@@ -211,8 +211,9 @@ def export_pack(store, out_dir: str | os.PathLike, *, source: str = "transcoder"
     check_window_size(source, options)  # before any work: neuron windows are as wide as collection stored them
     all_layers, n_units = pack_shape(store, source)
 
-    def entries():
-        for results in _rendered(store, source, options, layers, "pack", level, None, workers, progress):
-            yield from results
-
-    return write_pack(out_dir, all_layers, n_units, entries(), dead_stub=dead_stub, level=level)
+    rendered = _rendered(store, source, options, layers, "pack", level, None, workers, progress)
+    try:
+        entries = (entry for results in rendered for entry in results)
+        return write_pack(out_dir, all_layers, n_units, entries, dead_stub=dead_stub, level=level)
+    finally:
+        rendered.close()  # ends the progress bar (and the pool) before an error is printed

@@ -18,6 +18,11 @@ from .integrity import verify
 
 _REPO_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 
+# Where each kind of folder goes by default: the viewer reads packs from ``features`` (scan ``OWNER/NAME``); graphs
+# and per-feature JSON (which the viewer reads only from a local ``./data/<dir>``) stay out of that folder.
+DEFAULT_PATHS = {"pack": "features", "json": "feature-json", "graphs": "graphs"}
+_KIND_NAMES = {"pack": "a feature pack", "json": "a per-feature JSON folder", "graphs": "a graph folder"}
+
 
 @dataclass
 class UploadPlan:
@@ -27,6 +32,7 @@ class UploadPlan:
     revision: str
     kind: str  # pack | json | graphs
     files: list[tuple[str, str, int]] = field(default_factory=list)  # (local relative path, repo path, bytes)
+    path_inferred: bool = False  # path_in_repo is the default for this kind of folder
 
     @property
     def total_bytes(self) -> int:
@@ -47,11 +53,19 @@ class UploadPlan:
         base = f"https://huggingface.co/{self.repo}/blob/{self.revision}/"
         out = [f"{local} -> {base}{remote} ({size} bytes)" for local, remote, size in self.files]
         out.append(f"{len(self.files)} files, {self.total_bytes} bytes, {self.kind} from {self.directory}")
+        how = "the default for" if self.path_inferred else "chosen with --path-in-repo for"
+        out.append(f"path in repo: {self.path_in_repo or '(repo root)'} ({how} {_KIND_NAMES.get(self.kind, self.kind)})")
         scan = self.scan()
         if scan:
             out.append(f"scan: {scan}")
         elif self.kind == "pack":
             out.append("note: the viewer reads packs only from a path ending in 'features'; no scan string reaches this one")
+        elif PurePosixPath(self.path_in_repo).name == "features":
+            out.append(f"note: {self.path_in_repo} is where the viewer looks for a feature pack; "
+                       f"{_KIND_NAMES.get(self.kind, self.kind)} there hides any pack")
+        if self.kind == "json":
+            out.append("note: the viewer reads per-feature JSON only from a local ./data/<dir>; upload a pack "
+                       "(featurestore export pack) for the viewer to read features from the Hub")
         return out
 
 
@@ -61,19 +75,23 @@ def _check_repo_id(repo: str) -> None:
         raise UserError(f"--repo must look like OWNER/NAME, got {repo!r}")
 
 
-def plan_upload(directory: str | os.PathLike, repo: str, *, path_in_repo: str = "features",
+def plan_upload(directory: str | os.PathLike, repo: str, *, path_in_repo: str | None = None,
                 revision: str | None = None, workers: int | None = None) -> UploadPlan:
-    """Verify ``directory`` and list where each file would go; refuses a directory that verify rejects."""
+    """Verify ``directory`` and list where each file would go; refuses a directory that verify rejects.
+    ``path_in_repo`` None: the default for the kind of folder verify found (``DEFAULT_PATHS``)."""
     directory = Path(directory)
     _check_repo_id(repo)
     report = verify(directory, workers=workers)
     if not report.ok:
         raise UserError(f"{directory} fails verification ({len(report.problems)} problems, first: {report.problems[0]}); "
                         f"see `featurestore export verify {directory}`")
+    inferred = path_in_repo is None
+    if inferred:
+        path_in_repo = DEFAULT_PATHS.get(report.kind, "features")
     prefix = path_in_repo.strip("/")
     if ".." in PurePosixPath(prefix).parts:
         raise UserError(f"--path-in-repo must not contain '..': {path_in_repo!r}")
-    plan = UploadPlan(directory, repo, prefix, revision or "main", report.kind)
+    plan = UploadPlan(directory, repo, prefix, revision or "main", report.kind, path_inferred=inferred)
     for path in sorted(directory.rglob("*")):
         relative = path.relative_to(directory).as_posix()
         if path.is_file() and not any(part.startswith(".") for part in PurePosixPath(relative).parts):
@@ -111,7 +129,7 @@ def staging_folder(plan: UploadPlan) -> Path:
     return root
 
 
-def upload(directory: str | os.PathLike, repo: str, *, path_in_repo: str = "features", revision: str | None = None,
+def upload(directory: str | os.PathLike, repo: str, *, path_in_repo: str | None = None, revision: str | None = None,
            private: bool = False, dry_run: bool = False, workers: int | None = None, api=None) -> UploadPlan:
     """Upload after verification. ``dry_run`` only plans (no token, no network). ``api`` defaults to ``HfApi``."""
     plan = plan_upload(directory, repo, path_in_repo=path_in_repo, revision=revision, workers=workers)

@@ -23,7 +23,7 @@ from featurestore.ids import cantor
 from featurestore.storage import write_bytes_atomic
 
 from .feature_queries import source_total_tokens, tokens_scan
-from .staging import ensure_writable_parent
+from .staging import ensure_writable_parent, remove_if_empty
 
 N_BINS = 10
 BIN_SQL = f"CASE WHEN thinking_pos IS NOT NULL THEN least({N_BINS - 1}, floor(thinking_pos * {N_BINS}))::INTEGER END"
@@ -243,10 +243,11 @@ def export_metadata(store, out_dir: str | os.PathLike, *, source: str = "transco
     """Write ``out_dir/feature_metadata.json`` atomically; returns its path."""
     path = Path(out_dir) / "feature_metadata.json"
     data = metadata_bytes(store, source, layers)
-    ensure_writable_parent(path)
+    created = ensure_writable_parent(path)
     from featurestore.errors import UserError
 
     try:
         return write_bytes_atomic(path, data)
     except OSError as exc:
+        remove_if_empty(created)  # a failed export leaves no empty folder behind
         raise UserError(f"cannot write {path}: {exc.strerror}") from None

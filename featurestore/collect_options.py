@@ -44,6 +44,8 @@ def parse_layers(spec: str | None) -> list[int] | None:
         try:
             if "-" in part:
                 lo, hi = (int(x) for x in part.split("-", 1))
+                if lo > hi:
+                    raise UserError(f"bad --layers {spec!r}: the range {part} runs backwards; write {hi}-{lo}")
                 layers.update(range(lo, hi + 1))
             else:
                 layers.add(int(part))

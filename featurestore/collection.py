@@ -25,10 +25,10 @@ from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, ref
 from .neuron_counts import token_groups
 from .neuron_windows import TOP_PER_CHUNK, WINDOW_AFTER, WINDOW_BEFORE
 from .data import Dataset, adds_special_tokens, format_text, open_dataset
-from .errors import UserError
+from .errors import UserError, storage_full
 from .logit_lens import logit_lens_table, neuron_directions, transcoder_directions
 from .manifest import DATA_KEYS, Manifest, is_store, now, writer_lock
-from .modeling import default_device, load_model, load_tokenizer, parse_dtype, weights_fingerprint
+from .modeling import load_model, load_tokenizer, parse_dtype, resolve_device, weights_fingerprint
 from .regions import MarkerIds, assign_regions, find_markers
 from .storage import store_path, write_parquet_atomic
 from .vocab import build_vocab
@@ -235,8 +235,8 @@ def collect(model: str, data: str, store: str | Path, **options):
     opts = CollectOptions(**options)
     check_options(opts)
     store_dir = store_path(store)
+    device = resolve_device(opts.device)
     dataset = open_dataset(data)
-    device = opts.device or default_device()
     net, ckpt = load_model(model, dtype=opts.dtype, device=device, revision=opts.revision,
                            require_adapter=opts.source == "transcoder" or opts.adapters == "on")
     tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
@@ -244,15 +244,21 @@ def collect(model: str, data: str, store: str | Path, **options):
     refuse_nonfinite_weights(net, max(layers))
     data_info, settings = describe_data(data, dataset, opts)
 
-    with writer_lock(store_dir):
-        manifest = _prepare_store(store_dir, info, data_info, settings, opts, source_settings)
-        _write_static_tables(manifest, net, tokenizer, opts.source, layers, neurons)
-        run = start_run(manifest, opts)
-        _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
-        if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
-            run["finished"] = now()
-            manifest.save()
-            finish_collection(manifest, opts)
+    try:
+        with writer_lock(store_dir):
+            manifest = _prepare_store(store_dir, info, data_info, settings, opts, source_settings)
+            _write_static_tables(manifest, net, tokenizer, opts.source, layers, neurons)
+            run = start_run(manifest, opts)
+            _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
+            if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
+                run["finished"] = now()
+                manifest.save()
+                finish_collection(manifest, opts)
+    except OSError as exc:
+        error = storage_full(exc, store_dir, "committed chunks are kept; free space and rerun the same command to resume")
+        if error is None:
+            raise
+        raise error from None
     return Store(store_dir)
 
 

@@ -44,7 +44,7 @@ class Dataset:
         with open(self.path, "rb") as handle:
             for i in range(start, min(stop, len(self))):
                 handle.seek(int(self.offsets[i]))
-                yield parse_row(handle.readline(), i, int(self.line_numbers[i]), self.path)
+                yield parse_row(handle.readline(), i, int(self.line_numbers[i]), self.path, int(self.offsets[i]))
 
 
 def resolve_data(data: str) -> Path:
@@ -67,10 +67,17 @@ def resolve_data(data: str) -> Path:
     return path
 
 
-def parse_row(line: bytes, row_index: int, line_number: int, path: Path) -> Row:
+def parse_row(line: bytes, row_index: int, line_number: int, path: Path, offset: int | None = None) -> Row:
+    """One row; ``offset`` (the line's byte offset in the file) lets an encoding error say where it is."""
     where = f"{path.name} line {line_number}"
     try:
-        obj = json.loads(line)
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = f"byte offset {offset + exc.start} in the file, " if offset is not None else ""
+        raise UserError(f"{where}: invalid UTF-8 ({at}byte {exc.start + 1} of the line: "
+                        f"{line[exc.start:exc.end].hex(' ')}); the file must be UTF-8 JSONL") from None
+    try:
+        obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserError(f"{where}: malformed JSON ({exc.msg} at column {exc.colno})") from None
     if not isinstance(obj, dict):
@@ -97,7 +104,7 @@ def open_dataset(data: str) -> Dataset:
         for number, line in enumerate(handle, start=1):
             digest.update(line)
             if line.strip():
-                parse_row(line, len(offsets), number, path)
+                parse_row(line, len(offsets), number, path, offset)
                 offsets.append(offset)
                 lines.append(number)
             offset += len(line)

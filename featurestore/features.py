@@ -1,13 +1,16 @@
 """A handle on one feature: its statistics, examples with context windows, and logit lens."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import html
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from . import neuron_windows
+from .errors import UserError
 from .ids import cantor
+from .text import merge_partial_bytes
 from .views import RANDOM_ORDER_SQL, activation_scan
 
 if TYPE_CHECKING:
@@ -27,6 +30,73 @@ class Example:
     train_token_ind: int  # index of ``pos`` within the window
     domain: str
     region: str
+    raws: list[bytes | None] | None = field(default=None, repr=False)  # each token's bytes (vocab.raw), for merging
+
+    def display_tokens(self) -> list[str]:
+        """One readable string per token: a character split across byte-level tokens shows on the token that
+        completes it (``tokens`` keeps the vocab's raw ``\\xNN`` form)."""
+        return merge_partial_bytes(self.raws or [None] * len(self.tokens), self.tokens)
+
+    @property
+    def text(self) -> str:
+        """The window as one readable string."""
+        return "".join(self.display_tokens())
+
+    def __str__(self) -> str:
+        shown = self.display_tokens()
+        i = self.train_token_ind
+        body = "".join(shown) if not 0 <= i < len(shown) else \
+            "".join(shown[:i]) + "[[" + shown[i] + "]]" + "".join(shown[i + 1:])
+        return f"seq {self.seq_id} pos {self.pos} act {self.act:.4g} ({self.domain}/{self.region}): {body}"
+
+    def _repr_html_(self) -> str:
+        """Notebook form: each token shaded by this feature's activation, the activating token outlined."""
+        peak = max((a for a in self.acts if a > 0), default=0.0) or 1.0
+        spans = []
+        for i, (text, act) in enumerate(zip(self.display_tokens(), self.acts)):
+            alpha = max(0.0, min(1.0, act / peak))
+            style = f"background:rgba(255,140,0,{alpha:.3f});white-space:pre-wrap"
+            if i == self.train_token_ind:
+                style += ";outline:2px solid #c00;font-weight:bold"
+            spans.append(f'<span style="{style}" title="{act:.4g}">{html.escape(text)}</span>')
+        head = html.escape(f"seq {self.seq_id} pos {self.pos} act {self.act:.4g} ({self.domain}/{self.region})")
+        return f'<div style="font-family:monospace"><div style="color:#666">{head}</div>{"".join(spans)}</div>'
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    out, values = [], sorted(values)
+    start = prev = None
+    for v in values + [None]:
+        if start is not None and v == prev + 1:
+            prev = v
+            continue
+        if start is not None:
+            out.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = v
+    return ", ".join(out) or "none"
+
+
+def check_unit(manifest: dict, source: str, layer: int, feature: int) -> None:
+    """One-line UserError naming the valid range for a source, layer or feature the store does not hold."""
+    sources = manifest.get("sources", {})
+    if source not in sources:
+        have = ", ".join(sorted(sources)) or "none"
+        raise UserError(f"this store has no {source} activations (sources: {have}); "
+                        f"collect them with `featurestore collect --source {source}`")
+    model = manifest["model"]
+    layers = list(sources[source].get("layers") or range(int(model["n_layers"])))
+    if layer not in layers:
+        raise UserError(f"layer {layer} out of range: this store holds {source} layers {_ranges(layers)}")
+    if source == "neuron":
+        sampled = (sources[source].get("neurons") or {}).get(str(layer))
+        if sampled is not None and feature not in sampled:
+            raise UserError(f"neuron {feature} of layer {layer} was not sampled: layer {layer} holds "
+                            f"{len(sampled)} of neurons 0-{int(model['d_mlp']) - 1} (the neuron view lists them)")
+        return
+    n_units = int(model["n_features"])
+    if not 0 <= feature < n_units:
+        raise UserError(f"feature {feature} out of range: layer {layer} has features 0-{n_units - 1}")
 
 
 class Feature:
@@ -43,21 +113,29 @@ class Feature:
     def _scan(self) -> str:
         return activation_scan(self.store.manifest_obj, self.source, self.layer)
 
-    def stats(self) -> dict | None:
+    def stats(self) -> dict:
+        """Counts, frequency, max and mean activation, and ``dead`` (True, with zero counts, if it never fired)."""
         rows = self.store.con.execute(
             "SELECT activation_count, activation_freq, max_act, mean_act FROM features "
             "WHERE source = ? AND layer = ? AND feature = ?", [self.source, self.layer, self.feature]).fetchall()
         if not rows:
-            return None
-        return dict(zip(("activation_count", "activation_freq", "max_act", "mean_act"), rows[0]))
+            return {"activation_count": 0, "activation_freq": 0.0, "max_act": 0.0, "mean_act": 0.0, "dead": True}
+        return dict(zip(("activation_count", "activation_freq", "max_act", "mean_act"), rows[0])) | {"dead": False}
 
-    def top_examples(self, k: int = 20, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER) -> list[Example]:
+    def top_examples(self, k: int = 20, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER,
+                     max_per_sequence: int | None = 2) -> list[Example]:
+        """The k highest activations, at most ``max_per_sequence`` from any one sequence (the exports' default, so
+        one long trace cannot fill the list; None: no cap, as the original). Ties go by (seq_id, pos)."""
         if self.source == "neuron":  # the store-wide top k, with true-activation windows
             return self._windows(self.store.con.execute(neuron_windows.top_rows_sql(k), [self.layer, self.feature]).fetchall(),
                                  before, after)
-        rows = self.store.con.execute(
-            f"SELECT seq_id, pos, act FROM {self._scan()} WHERE feature = ? ORDER BY act DESC, seq_id, pos LIMIT ?",
-            [self.feature, k]).fetchall()
+        if max_per_sequence is not None and max_per_sequence < 1:
+            raise UserError("max_per_sequence must be at least 1 (or None for no cap)")
+        ranked = f"SELECT seq_id, pos, act FROM {self._scan()} WHERE feature = ?"
+        if max_per_sequence is not None:
+            ranked = (f"SELECT seq_id, pos, act FROM ({ranked}) QUALIFY row_number() OVER "
+                      f"(PARTITION BY seq_id ORDER BY act DESC, pos) <= {int(max_per_sequence)}")
+        rows = self.store.con.execute(f"{ranked} ORDER BY act DESC, seq_id, pos LIMIT ?", [self.feature, k]).fetchall()
         return self._windows(rows, before, after)
 
     def random_examples(self, n: int = 10, seed: int = 0, before: int = CONTEXT_BEFORE, after: int = CONTEXT_AFTER) -> list[Example]:
@@ -122,16 +200,16 @@ class Feature:
         con.register("_wanted_windows", wanted)
         try:
             token_rows = con.execute(
-                "SELECT DISTINCT t.seq_id, t.pos, t.token_id, t.token, t.region FROM tokens t "
+                "SELECT DISTINCT t.seq_id, t.pos, t.token_id, t.token, t.region, v.raw FROM tokens t "
                 "JOIN _wanted_windows w ON t.seq_id = w.seq_id AND t.pos BETWEEN w.lo AND w.hi "
-                "ORDER BY t.seq_id, t.pos").fetchall()
+                "LEFT JOIN vocab v ON v.token_id = t.token_id ORDER BY t.seq_id, t.pos").fetchall()
             domains = dict(con.execute(
                 "SELECT seq_id, domain FROM sequences WHERE seq_id IN (SELECT seq_id FROM _wanted_windows)").fetchall())
         finally:
             con.unregister("_wanted_windows")
         by_seq: dict[int, dict[int, tuple]] = {}
-        for seq_id, pos, token_id, token, region in token_rows:
-            by_seq.setdefault(seq_id, {})[pos] = (token_id, token, region)
+        for seq_id, pos, token_id, token, region, raw in token_rows:
+            by_seq.setdefault(seq_id, {})[pos] = (token_id, token, region, raw)
         examples = []
         for seq_id, pos, act in rows:
             tokens = by_seq.get(seq_id, {})
@@ -142,5 +220,6 @@ class Feature:
                 acts=[float(acts.get((seq_id, p), 0.0)) for p in window],
                 train_token_ind=window.index(pos) if pos in tokens else -1,
                 domain=domains.get(seq_id, ""), region=tokens[pos][2] if pos in tokens else "",
+                raws=[tokens[p][3] for p in window],
             ))
         return examples

@@ -30,6 +30,19 @@ def is_store(path: Path) -> bool:
     return (path / MANIFEST).is_file()
 
 
+def _describe_version(version) -> str:
+    """Shown in the refusal so that '1' (a string) never reads like 1."""
+    if version is None:
+        return f"unknown ({MANIFEST} has no integer format_version)"
+    if type(version) is int:
+        return str(version)
+    return f"{version!r} (a {type(version).__name__} in {MANIFEST}, not an integer)"
+
+
+def _newer(version) -> bool:
+    return type(version) is int and version > FORMAT_VERSION
+
+
 class Manifest:
     def __init__(self, root: Path, data: dict):
         self.root = root
@@ -48,8 +61,10 @@ class Manifest:
             raise UserError(f"{file} is corrupt: {getattr(exc, 'msg', None) or exc.reason}") from None
         if not isinstance(data, dict):
             raise UserError(f"{file} is corrupt: a {type(data).__name__} instead of a JSON object")
-        if data.get("format_version") not in READABLE_VERSIONS:
-            raise UserError(f"{root} has store format {data.get('format_version')}, this featurestore reads {FORMAT_VERSION}")
+        version = data.get("format_version")
+        if version not in READABLE_VERSIONS or type(version) is not int:
+            raise UserError(f"{root} has store format {_describe_version(version)}; this featurestore reads formats "
+                            f"{', '.join(map(str, sorted(READABLE_VERSIONS)))}" + (" (upgrade featurestore)" if _newer(version) else ""))
         manifest = cls(root, data)
         manifest.validate()
         return manifest

@@ -192,6 +192,39 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def available_devices() -> list[str]:
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to run on (default: cuda when available); a one-line UserError naming the devices that exist
+    for one this machine does not have, before anything is loaded."""
+    if device is None:
+        return default_device()
+    existing = available_devices()
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise UserError(f"unknown --device {device!r}; this machine has {', '.join(existing)}") from None
+    if parsed.type == "cpu":
+        return device
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: CUDA is not available on this machine; devices here: {', '.join(existing)}")
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f"--device {device}: this machine has {count} CUDA device{'s' if count != 1 else ''}; "
+                            f"devices here: {', '.join(existing)}")
+        return device
+    if parsed.type == "mps" and "mps" in existing:
+        return device
+    raise UserError(f"--device {device}: not available on this machine; devices here: {', '.join(existing)}")
+
+
 def load_model(
     model: str,
     *,
@@ -205,7 +238,7 @@ def load_model(
     With an adapter the model is :class:`Qwen2ForCausalLMWithTranscoder`; without one (allowed only when
     ``require_adapter`` is false, for the neuron baseline) it is a plain ``Qwen2ForCausalLM``.
     """
-    device = device or default_device()
+    device = resolve_device(device)
     path = resolve_checkpoint(model, revision)
     config = read_config(path)
     if has_adapter(config):

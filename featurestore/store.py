@@ -7,7 +7,7 @@ import duckdb
 
 from . import checks, readonly, views
 from .errors import UserError
-from .features import Feature
+from .features import Feature, check_unit
 from .manifest import Manifest
 from .storage import store_path
 
@@ -86,6 +86,8 @@ class Store:
         return self._token_texts
 
     def feature(self, layer: int, feature: int, source: str = "transcoder") -> Feature:
+        """A handle on one unit; UserError (with the valid range) for a source, layer or feature not held."""
+        check_unit(self.manifest, source, int(layer), int(feature))
         return Feature(self, int(layer), int(feature), source)
 
     def features(self, source: str | None = None):
@@ -116,7 +118,25 @@ class Store:
             "tokens": int(toks),
             "bytes_on_disk": size,
             "runs": m["runs"],
+            "interp_runs": self._interp_runs(),
+            "graphs": self._graphs(),
         }
+
+    def _interp_runs(self) -> list[dict]:
+        """One entry per judge run (a resumed run is one run): what it labelled and how it went."""
+        runs = self.con.execute("""SELECT run_id, kind, judge_model, started_at::VARCHAR, invocations FROM interp_runs
+                                   ORDER BY started_at, run_id""").fetchall()
+        outcomes: dict[str, dict[str, int]] = {}
+        for table in ("classifications", "explanations"):
+            for run_id, status, n in self.con.execute(
+                    f"SELECT run_id, status, count(*) FROM {table} GROUP BY ALL").fetchall():
+                outcomes.setdefault(run_id, {})[status] = outcomes.get(run_id, {}).get(status, 0) + n
+        return [{"run_id": run_id, "kind": kind, "judge_model": model, "started": started, "invocations": n,
+                 "features": outcomes.get(run_id, {})} for run_id, kind, model, started, n in runs]
+
+    def _graphs(self) -> dict:
+        rows = self.con.execute("SELECT slug, n_nodes, n_links FROM graphs ORDER BY slug").fetchall()
+        return {"count": len(rows), "graphs": [{"slug": s, "nodes": n, "links": k} for s, n, k in rows]}
 
 
 def open(path: str | os.PathLike) -> Store:  # noqa: A001 - mirrors the package-level API featurestore.open

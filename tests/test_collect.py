@@ -59,7 +59,7 @@ def test_top_examples_are_the_true_top_k(tiny, dense):
     counts = sum((a > 0).sum(0) for a in acts.values())
     feature = int(np.argmax(counts))
     flat = sorted(((a[p, feature], s, p) for s, a in acts.items() for p in np.flatnonzero(a[:, feature])), key=lambda x: (-x[0], x[1], x[2]))
-    examples = tiny["store"].feature(layer, feature).top_examples(k, before=5, after=3)
+    examples = tiny["store"].feature(layer, feature).top_examples(k, before=5, after=3, max_per_sequence=None)
     assert [(e.seq_id, e.pos) for e in examples] == [(s, p) for _, s, p in flat[:k]]
     for e, (value, s, p) in zip(examples, flat[:k]):
         assert e.act == pytest.approx(value, rel=1e-4)

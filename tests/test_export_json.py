@@ -23,7 +23,7 @@ from featurestore.ids import cantor, cantor_unpair
 from featurestore.modeling import load_model
 
 TOL = dict(rel=1e-4, abs=2e-5)
-OPTS = DocumentOptions()
+OPTS = DocumentOptions(max_per_sequence=None, interval_kind="count")  # the original selection, vs brute force
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def dense(tiny):
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("json")
-    summary = export_json(tiny["store"], out, workers=1, progress=False)
+    summary = export_json(tiny["store"], out, options=OPTS, workers=1, progress=False)
     docs = {int(p.stem): p.read_bytes() for p in summary.path.iterdir()}
     return out, summary, docs
 
@@ -151,11 +151,11 @@ def test_selection_agrees_with_the_store_api(tiny, exported):
         handle = store.feature(layer, feature)
         document = json.loads(exported[2][cantor(layer, feature)])
         groups = {g["quantile_name"]: g["examples"] for g in document["examples_quantiles"]}
-        for name, examples in (("Top activations", handle.top_examples(20)), ("Random samples", handle.random_examples(10, seed=0))):
+        for name, examples in (("Top activations", handle.top_examples(20, max_per_sequence=None)), ("Random samples", handle.random_examples(10, seed=0))):
             assert [(g["tokens"], g["train_token_ind"]) for g in groups[name]] == [(e.tokens, e.train_token_ind) for e in examples]
             assert [g["tokens_acts_list"] for g in groups[name]] == [pytest.approx(e.acts, rel=1e-5) for e in examples]
-        assert handle.to_json() == document
-        assert feature_document_bytes(store, layer, feature) == exported[2][cantor(layer, feature)]
+        assert handle.to_json(max_per_sequence=None, interval_kind="count") == document
+        assert feature_document_bytes(store, layer, feature, options=OPTS) == exported[2][cantor(layer, feature)]
 
 
 def test_partial_utf8_tokens_show_as_hex_escapes(tiny):
@@ -164,7 +164,7 @@ def test_partial_utf8_tokens_show_as_hex_escapes(tiny):
                              "(SELECT token_id FROM tokens)").fetchall())
     assert partial, "the tiny corpus should split some multi-byte character"
     busiest = store.sql("SELECT feature FROM features WHERE layer = 0 ORDER BY activation_count DESC LIMIT 1").fetchall()[0][0]
-    document = feature_document(store, 0, busiest, options=DocumentOptions(top_k=100_000, n_random=0, n_intervals=0))
+    document = feature_document(store, 0, busiest, options=DocumentOptions(top_k=100_000, n_random=0, n_intervals=0, max_per_sequence=None))
     tokens = [t for g in document["examples_quantiles"] for ex in g["examples"] for t in ex["tokens"]]
     assert "\ufffd" not in "".join(tokens)
     assert set(partial.values()) & set(tokens)
@@ -182,14 +182,15 @@ def test_options_dead_features_and_iteration(tiny, exported):
     assert [len(g["examples"]) for g in small["examples_quantiles"]][:2] == [3, 2]
     assert all(len(ex["tokens"]) <= 4 for g in small["examples_quantiles"] for ex in g["examples"])
     assert len(small["histogram"]) == 7 and len(small["quantile_values"]) == 100
-    firsts = list(iter_documents(store, layers=[2]))
+    firsts = list(iter_documents(store, options=OPTS, layers=[2]))
     assert [(l, f) for l, f, _ in firsts] == sorted((l, f) for l, f, _ in firsts) and {l for l, _, _ in firsts} == {2}
     assert firsts[0][2] == json.loads(exported[2][cantor(2, firsts[0][1])])
 
 
 def test_cli_export_json_writes_features_and_metadata(tiny, tmp_path, capsys, exported):
     out = tmp_path / "feature_data"
-    assert main(["export", "json", str(tiny["store_path"]), "--out", str(out), "--workers", "1"]) == 0
+    assert main(["export", "json", str(tiny["store_path"]), "--out", str(out), "--workers", "1",
+                 "--max-per-sequence", "0", "--interval-kind", "count"]) == 0
     assert "feature files" in capsys.readouterr().out
     files = {int(p.stem): p.read_bytes() for p in (out / "features").iterdir()}
     assert files == exported[2]
