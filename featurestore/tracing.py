@@ -1,0 +1,231 @@
+"""Which features fire on a text: run the adapter model on it and read every adapter's features.
+
+The text is formatted and tokenized as the store's data was (its ``format``, BOS rule and ``max_length``) and run
+in float32 on the CPU by default, as collection runs, so tracing a text that is in the store gives the store's
+activations for it. Activations are kept sparse (only non-zeros), so a long text at 28 x 8192 stays small.
+Torch is imported only when a trace runs.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .data import FORMATS, Row, adds_special_tokens, format_text
+from .errors import UserError
+from .text import merge_partial_bytes
+
+if TYPE_CHECKING:
+    from .store import Store
+
+RAW_FORMAT = "raw"
+TRACE_FORMATS = FORMATS + (RAW_FORMAT,)
+
+_MODELS: dict[tuple, tuple] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def load_cached(model: str, dtype: str = "float32", device: str = "cpu", tokenizer: str | None = None):
+    """(net, tokenizer, checkpoint info), loaded once per process: a server traces many texts with one model."""
+    key = (str(model), dtype, device, tokenizer)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            from .modeling import load_model, load_tokenizer
+
+            net, info = load_model(str(model), dtype=dtype, device=device)
+            _MODELS[key] = (net, load_tokenizer(tokenizer or info.path), info)
+        return _MODELS[key]
+
+
+def check_same_model(store: "Store", info) -> None:
+    """Refuse a checkpoint whose architecture or weights differ from the store's: its features are other features."""
+    recorded = store.manifest.get("model", {})
+    if recorded.get("fingerprint") and recorded["fingerprint"] != info.fingerprint:
+        raise UserError(f"model {info.name!r} is not the store's model (config.json differs from {recorded.get('name')!r})")
+    if recorded.get("weights_fingerprint"):
+        from .modeling import weights_fingerprint
+
+        if weights_fingerprint(info.path) != recorded["weights_fingerprint"]:
+            raise UserError(f"model {info.name!r} has other weights than the store's model {recorded.get('name')!r}")
+
+
+def store_settings(store: "Store | None") -> dict:
+    return dict(store.manifest.get("settings", {})) if store is not None else {}
+
+
+def encode(text: str, tokenizer, fmt: str = RAW_FORMAT, response: str | None = None, bos_format: str = "deepseek",
+           max_length: int | None = None) -> list[int]:
+    """Token ids of ``text``: with a data format, ``text`` is the user turn and ``response`` the assistant turn,
+    formatted exactly as collection formats a dataset row; ``raw`` takes the text as it is (BOS as ``bos_format``)."""
+    if fmt not in TRACE_FORMATS:
+        raise UserError(f"unknown format {fmt!r}; use one of {', '.join(TRACE_FORMATS)}")
+    if fmt == RAW_FORMAT:
+        if response:
+            raise UserError("a response turn needs a data format (deepseek, qwen, chat-template), not raw")
+        ids = tokenizer(text, add_special_tokens=adds_special_tokens(bos_format))["input_ids"]
+    else:
+        formatted = format_text(Row(0, "", "", text, response or ""), fmt, tokenizer)
+        ids = tokenizer(formatted, add_special_tokens=adds_special_tokens(fmt))["input_ids"]
+    if not ids:
+        raise UserError("the text has no tokens")
+    return list(ids[:max_length] if max_length else ids)
+
+
+def token_strings(store: "Store | None", tokenizer, ids: list[int]) -> tuple[list[str], list[str]]:
+    """(vocab display string, readable text) per token; characters split across tokens are shown whole."""
+    if store is not None:
+        rows = store.con.execute("SELECT token_id, token, raw FROM vocab WHERE token_id IN (SELECT unnest(?::INTEGER[]))",
+                                 [sorted(set(ids))]).fetchall()
+        known = {token_id: (token, raw) for token_id, token, raw in rows}
+    else:
+        from .vocab import build_vocab
+
+        table = build_vocab(tokenizer).to_pydict()
+        known = {i: (table["token"][i], table["raw"][i]) for i in set(ids)}
+    texts = [known.get(i, (f"<{i}>", None))[0] for i in ids]
+    raws = [known.get(i, ("", None))[1] for i in ids]
+    return texts, merge_partial_bytes(raws, texts)
+
+
+@dataclass
+class Trace:
+    """Sparse activations of one text: arrays ``layer, pos, feature, act`` (sorted by layer, pos, feature)."""
+
+    token_ids: list[int]
+    tokens: list[str]  # vocab display strings (partial UTF-8 bytes as \\xNN)
+    text: list[str]  # readable text per token (merged across partial bytes)
+    layer: np.ndarray
+    pos: np.ndarray
+    feature: np.ndarray
+    act: np.ndarray
+    layers: list[int]
+    descriptions: dict[tuple[int, int], str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def rows(self):
+        """The activations as a polars DataFrame with the store's ``activations`` columns plus ``layer``."""
+        import polars as pl
+
+        return pl.DataFrame({"layer": self.layer, "feature": self.feature, "pos": self.pos, "act": self.act})
+
+    def at(self, pos: int, k: int | None = None) -> list[dict]:
+        """The features active on token ``pos``, strongest first."""
+        mask = self.pos == pos
+        order = np.argsort(-self.act[mask], kind="stable")[:k]
+        layers, features, acts = self.layer[mask][order], self.feature[mask][order], self.act[mask][order]
+        return [{"layer": int(l), "feature": int(f), "act": float(a), "description": self.descriptions.get((int(l), int(f)), "")}
+                for l, f, a in zip(layers, features, acts)]
+
+    def feature_acts(self, layer: int, feature: int) -> list[float]:
+        """This feature's activation on every token of the text (0.0 where inactive)."""
+        out = np.zeros(len(self.token_ids), dtype=np.float32)
+        mask = (self.layer == layer) & (self.feature == feature)
+        out[self.pos[mask]] = self.act[mask]
+        return out.tolist()
+
+    def top_features(self, k: int = 20) -> list[dict]:
+        """Features by their largest activation on the text, with where it is and how many tokens they fire on."""
+        if not len(self.act):
+            return []
+        key = self.layer.astype(np.int64) * (1 << 32) + self.feature
+        order = np.lexsort((-self.act, key))
+        first = np.r_[True, key[order][1:] != key[order][:-1]]
+        heads = order[first]
+        counts = np.diff(np.r_[np.flatnonzero(first), len(order)])
+        best = np.argsort(-self.act[heads], kind="stable")[:k]
+        return [{"layer": int(self.layer[heads[i]]), "feature": int(self.feature[heads[i]]),
+                 "max_act": float(self.act[heads[i]]), "pos": int(self.pos[heads[i]]), "n_tokens": int(counts[i]),
+                 "description": self.descriptions.get((int(self.layer[heads[i]]), int(self.feature[heads[i]])), "")}
+                for i in best]
+
+    def to_dict(self, per_token: int = 10, features: int = 50) -> dict:
+        tops = self.top_features(features)
+        return {"tokens": self.tokens, "text": self.text, "token_ids": self.token_ids, "layers": self.layers,
+                "per_token": [self.at(p, per_token) for p in range(len(self.token_ids))],
+                "features": [t | {"acts": self.feature_acts(t["layer"], t["feature"])} for t in tops]}
+
+
+def run_features(net, ids: list[int], layers: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One forward pass (no LM head) reading each layer's non-zero features: layer -> (pos, feature, act)."""
+    import torch
+
+    from .capture import StopForward
+
+    adapters = [layer.mlp for layer in net.model.layers]
+    wanted, last = set(layers), max(layers)
+    found: dict[int, tuple] = {}
+
+    def hook(layer: int, features: torch.Tensor) -> None:
+        if layer in wanted:
+            dense = features[0].float()
+            pos, feat = dense.nonzero(as_tuple=True)
+            found[layer] = (pos.to(torch.int32).cpu().numpy(), feat.to(torch.int32).cpu().numpy(),
+                            dense[pos, feat].cpu().numpy().astype(np.float32))
+        if layer == last:
+            raise StopForward
+
+    device = next(net.parameters()).device
+    for adapter in adapters:
+        adapter.feature_hook = hook
+    try:
+        with torch.inference_mode():
+            try:
+                net.model(input_ids=torch.as_tensor([ids], dtype=torch.long, device=device), use_cache=False)
+            except StopForward:
+                pass
+    finally:
+        for adapter in adapters:
+            adapter.feature_hook = None
+    return found
+
+
+def trace(text: str, model, store: "Store | None" = None, *, response: str | None = None, format: str | None = None,
+          layers: list[int] | None = None, dtype: str = "float32", device: str = "cpu", tokenizer: str | None = None,
+          check_model: bool = True) -> Trace:
+    """Run ``model`` (a checkpoint path, or a loaded ``(net, tokenizer)`` pair) on ``text`` and return its features.
+
+    ``format`` defaults to the store's data format: ``text`` is then the user turn (``response`` the assistant
+    turn); ``raw`` feeds the text as it is."""
+    net, tok, info = _resolve(model, dtype, device, tokenizer)
+    if store is not None and check_model and info is not None:
+        check_same_model(store, info)
+    settings = store_settings(store)
+    fmt = format or settings.get("format", RAW_FORMAT)
+    ids = encode(text, tok, fmt, response, settings.get("format", "deepseek"), settings.get("max_length"))
+    if not hasattr(net.model.layers[0].mlp, "transcoder_enc"):
+        raise UserError("the model has no transcoder adapter: nothing to trace")
+    all_layers = list(range(len(net.model.layers)))
+    if layers is None and store is not None:
+        layers = (store.manifest.get("sources", {}).get("transcoder") or {}).get("layers")
+    layers = sorted(layers or all_layers)
+    if any(l not in all_layers for l in layers):
+        raise UserError(f"layers {layers} outside the model's {len(all_layers)} layers")
+    found = run_features(net, ids, layers)
+    parts = [(np.full(len(found[l][0]), l, np.int32),) + found[l] for l in layers if l in found]
+    layer, pos, feature, act = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int32) for i in range(4))
+    order = np.lexsort((feature, pos, layer))
+    tokens, readable = token_strings(store, tok, ids)
+    trace_ = Trace(ids, tokens, readable, layer[order], pos[order], feature[order], act[order].astype(np.float32), layers)
+    if store is not None and len(trace_.act):
+        trace_.descriptions = _descriptions(store, trace_)
+    return trace_
+
+
+def _resolve(model, dtype: str, device: str, tokenizer: str | None):
+    if isinstance(model, tuple):
+        return model[0], model[1], (model[2] if len(model) > 2 else None)
+    if model is None:
+        raise UserError("tracing needs a model checkpoint (--model)")
+    return load_cached(str(model), dtype, device, tokenizer)
+
+
+def _descriptions(store: "Store", tr: Trace) -> dict[tuple[int, int], str]:
+    try:
+        frame = store.descriptions("transcoder")
+    except Exception:  # no interp tables yet, or an older store: tracing works without labels
+        return {}
+    return {(int(l), int(f)): d for l, f, d in frame.iter_rows() if d}
