@@ -132,3 +132,25 @@ def test_adapter_off_and_continuations_under_the_same_decoding(tiny, loaded):
     sampled = steer(net, tokenizer, ids, [parse_edit("1=off")], decoding=Decoding(max_new_tokens=5, sample=True, seed=3))
     again = steer(net, tokenizer, ids, [parse_edit("1=off")], decoding=Decoding(max_new_tokens=5, sample=True, seed=3))
     assert (sampled.continuation_base, sampled.continuation_edited) == (again.continuation_base, again.continuation_edited)
+
+
+def test_cli_trace_and_steer(tiny, capsys):
+    import json
+
+    from cli.main import main
+
+    store = str(tiny["store_path"])
+    assert main(["trace", "--model", str(tiny["model"]), "--store", store, "--format", "raw", "--json",
+                 "the answer is 42"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    direct = tiny["store"].trace("the answer is 42", model=str(tiny["model"]), format="raw")
+    assert out["token_ids"] == direct.token_ids and len(out["per_token"]) == len(direct)
+    assert main(["trace", "--model", str(tiny["model"]), "--store", store, "hmm wait"]) == 0
+    assert "strongest features" in capsys.readouterr().out
+    top = direct.top_features(1)[0]
+    assert main(["steer", "--model", str(tiny["model"]), "--store", store, "--format", "raw", "--prompt",
+                 "the answer is 42", "--feature", f"{top['layer']}/{top['feature']}=0", "--max-new-tokens", "3"]) == 0
+    text = capsys.readouterr().out
+    assert f"interventions: {top['layer']}/{top['feature']}=0" in text and "edited:" in text and "KL" in text
+    assert main(["steer", "--model", str(tiny["model"]), "--prompt", "x", "--feature", "99/1=0"]) == 2
+    assert "error: intervention 99/1=0" in capsys.readouterr().err
