@@ -63,7 +63,10 @@ class BrowserApp:
             traceback.print_exc(file=sys.stderr)
             handler._error(500, f"{type(exc).__name__}: {exc}")
             return True
-        handler._send_bytes(body.encode("utf-8"), "application/json; charset=utf-8")
+        try:
+            handler._send_bytes(body.encode("utf-8"), "application/json; charset=utf-8")
+        except (BrokenPipeError, ConnectionResetError):  # the page moved on before the answer came
+            handler.close_connection = True
         return True
 
     def page(self) -> bytes:
