@@ -34,6 +34,14 @@ class BrowserApp:
         self.model = model
         self.has_graphs = graphs is not None
         self._model_lock = threading.Lock()
+        # build the list's catalog now, beside the open port, so the first page does not wait for it
+        threading.Thread(target=self._warm, name="featurestore-browser-warm", daemon=True).start()
+
+    def _warm(self) -> None:
+        try:
+            self.data.overview()
+        except Exception as exc:  # the first request will report it properly
+            print(f"featurestore serve: could not prepare the feature list: {exc}", file=sys.stderr)
 
     # ---- dispatch: returns False when the path is not the browser's ----
 
