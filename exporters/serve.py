@@ -137,7 +137,10 @@ class ViewerHandler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(split.path)
         config = self.config
         if config.browser is not None:
-            query = {k: v[-1] for k, v in urllib.parse.parse_qs(split.query, max_num_fields=64).items()}
+            try:
+                query = {k: v[-1] for k, v in urllib.parse.parse_qs(split.query, max_num_fields=64).items()}
+            except ValueError:
+                return self._error(HTTPStatus.BAD_REQUEST, "too many query parameters")
             if config.browser.handle(self, path, query):
                 return
         if config.graphs is None and (path.startswith(("/data/", "/graph_data/")) or path in ("/", "/index.html")):

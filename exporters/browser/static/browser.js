@@ -19,7 +19,9 @@
     return node
   }
   const fmt = (x, digits = 3) => (x === null || x === undefined ? '' : Number(x).toPrecision(digits))
-  const pct = x => (x === null || x === undefined ? '' : (100 * x).toFixed(x < 0.001 ? 4 : 2) + '%')
+  const pct = x => (x === null || x === undefined ? '' : x === 0 ? '0%' : (100 * x).toFixed(x < 0.001 ? 4 : 2) + '%')
+  // a token in quotes, with its whitespace visible; \xNN bytes stay as the store shows them
+  const quote = t => '"' + String(t).replace(/\n/g, '\\n').replace(/\t/g, '\\t').replace(/\r/g, '\\r') + '"'
   const featureUrl = (source, layer, feature) => `/feature/${source}/${layer}/${feature}`
   const shade = (a, max) => (a > 0 ? `rgba(224, 115, 31, ${Math.min(1, 0.15 + 0.85 * a / (max || 1)).toFixed(3)})` : '')
 
@@ -120,7 +122,7 @@
         el('td', { class: 'num', text: pct(row.activation_freq) }),
         el('td', { class: 'num', text: fmt(row.max_act) }),
         spark,
-        el('td', { class: 'logits', text: row.top_logits.map(t => JSON.stringify(t)).join(' ') }),
+        el('td', { class: 'logits', text: row.top_logits.map(quote).join(' ') }),
         el('td', { text: row.category || '' })))
     }
     const source = params.source || (page.rows[0] && page.rows[0].source) || 'transcoder'
@@ -210,7 +212,7 @@
 
   function logitList(title, items, id) {
     return el('section', { id }, el('h3', { text: title }),
-      el('table', {}, ...items.map(i => el('tr', {}, el('td', { class: 'token', text: JSON.stringify(i.token) }),
+      el('table', {}, ...items.map(i => el('tr', {}, el('td', { class: 'token', text: quote(i.token) }),
         el('td', { class: 'num', text: fmt(i.value) })))))
   }
 
@@ -299,7 +301,7 @@
     })
     const showToken = pos => {
       spans.forEach((s, i) => s.classList.toggle('selected', i === pos))
-      perToken.replaceChildren(el('h4', { text: `Token ${pos} ${JSON.stringify(trace.text[pos])}` }),
+      perToken.replaceChildren(el('h4', { text: `Token ${pos} ${quote(trace.text[pos])}` }),
         el('table', {}, ...trace.per_token[pos].map(f => el('tr', {},
           el('td', {}, el('a', { href: featureUrl('transcoder', f.layer, f.feature), text: `L${f.layer}/${f.feature}` })),
           el('td', { class: 'num', text: fmt(f.act, 4) }), el('td', { text: f.description || '' })))))
@@ -346,12 +348,12 @@
   }
 
   function renderSteer(out, result) {
-    const tops = items => items.map(t => `${JSON.stringify(t.token)} ${fmt(t.p_base, 2)}→${fmt(t.p_edited, 2)}`).join('  ')
+    const tops = items => items.map(t => `${quote(t.token)} ${fmt(t.p_base, 2)}→${fmt(t.p_edited, 2)}`).join('  ')
     const rows = result.positions.map((p, i) => {
       const tracked = (p.tracked || [])[0]
       return el('tr', { class: 'steer-pos', 'data-pos': p.pos, 'data-kl': p.kl,
         'data-p-base': tracked ? tracked.p_base : null, 'data-p-edited': tracked ? tracked.p_edited : null },
-        el('td', { class: 'num', text: p.pos }), el('td', { class: 'token', text: JSON.stringify(result.text[i]) }),
+        el('td', { class: 'num', text: p.pos }), el('td', { class: 'token', text: quote(result.text[i]) }),
         el('td', { class: 'num', text: fmt(p.kl, 3) }),
         el('td', { text: tracked ? `${fmt(tracked.p_base, 3)} → ${fmt(tracked.p_edited, 3)}` : '' }),
         el('td', { text: tops(p.base) }), el('td', { text: tops(p.edited) }))
