@@ -206,6 +206,9 @@ class BrowserData:
         page["histogram"] = {"counts": hist, "edges": [max_act * i / HIST_BINS for i in range(HIST_BINS + 1)]}
         page["groups"] = self._groups(handle, source, layer, feature, max_act)
         page["breakdown"] = self._breakdown(source, layer, feature)
+        if source == "neuron":
+            page["note"] = ("neurons keep only their top positions per sequence: the statistics count every positive "
+                            "activation, the histogram, examples and breakdowns only the stored ones")
         return page
 
     def _groups(self, handle, source: str, layer: int, feature: int, max_act: float) -> list[dict]:

@@ -152,6 +152,7 @@
     const parts = [title]
     const stats = page.stats
     if (stats && stats.description) parts.push(el('p', { id: 'feature-description', text: stats.description }))
+    if (page.note) parts.push(el('p', { class: 'muted', id: 'feature-note', text: page.note }))
     if (page.dead) parts.push(el('p', { class: 'muted', text: 'This feature never fired in the store.' }))
     if (stats) {
       parts.push(el('table', { id: 'stats' }, ...[
