@@ -112,19 +112,30 @@ class Trace:
 
         return pl.DataFrame({"layer": self.layer, "feature": self.feature, "pos": self.pos, "act": self.act})
 
+    def _index(self, name: str, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row order sorted by ``key``, sorted keys), built once: per-token and per-feature reads stay
+        logarithmic on texts with millions of activations."""
+        cache = self.__dict__.setdefault("_indexes", {})
+        if name not in cache:
+            order = np.argsort(key, kind="stable")
+            cache[name] = (order, key[order])
+        return cache[name]
+
     def at(self, pos: int, k: int | None = None) -> list[dict]:
         """The features active on token ``pos``, strongest first."""
-        mask = self.pos == pos
-        order = np.argsort(-self.act[mask], kind="stable")[:k]
-        layers, features, acts = self.layer[mask][order], self.feature[mask][order], self.act[mask][order]
-        return [{"layer": int(l), "feature": int(f), "act": float(a), "description": self.descriptions.get((int(l), int(f)), "")}
-                for l, f, a in zip(layers, features, acts)]
+        order, keys = self._index("pos", self.pos)
+        rows = order[np.searchsorted(keys, pos, "left"):np.searchsorted(keys, pos, "right")]
+        rows = rows[np.argsort(-self.act[rows], kind="stable")[:k]]
+        return [{"layer": int(self.layer[r]), "feature": int(self.feature[r]), "act": float(self.act[r]),
+                 "description": self.descriptions.get((int(self.layer[r]), int(self.feature[r])), "")} for r in rows]
 
     def feature_acts(self, layer: int, feature: int) -> list[float]:
         """This feature's activation on every token of the text (0.0 where inactive)."""
         out = np.zeros(len(self.token_ids), dtype=np.float32)
-        mask = (self.layer == layer) & (self.feature == feature)
-        out[self.pos[mask]] = self.act[mask]
+        order, keys = self._index("feature", self.layer.astype(np.int64) * (1 << 32) + self.feature)
+        wanted = int(layer) * (1 << 32) + int(feature)
+        rows = order[np.searchsorted(keys, wanted, "left"):np.searchsorted(keys, wanted, "right")]
+        out[self.pos[rows]] = self.act[rows]
         return out.tolist()
 
     def top_features(self, k: int = 20) -> list[dict]:
