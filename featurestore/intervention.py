@@ -158,6 +158,10 @@ def steer(net, tokenizer, ids: list[int], edits: list[Edit], *, decoding: Decodi
     if not edits:
         raise UserError("no intervention given (e.g. --feature 3/17=0)")
     decoding = decoding or Decoding()
+    if decoding.sample and not decoding.temperature > 0:
+        raise UserError("sampling needs a temperature above 0 (or greedy decoding)")
+    if decoding.max_new_tokens < 0:
+        raise UserError("max_new_tokens must be 0 or more")
     base = next_token_probs(net, ids)
     after = next_token_probs(net, ids, edits)
     kl = (base * (base.clamp_min(1e-30).log() - after.clamp_min(1e-30).log())).sum(-1)

@@ -32,9 +32,13 @@ class BrowserData:
     """One store's browser queries on a private DuckDB connection (its own lock: one query at a time)."""
 
     def __init__(self, store, graphs: Path | None = None, cache_size: int = 256):
-        self.store = store
+        from featurestore.store import Store
+
+        # a Store of our own: a DuckDB connection serves one query at a time, and the viewer's StoreSource and
+        # the trace requests use theirs from other threads
+        self.store = Store(store.path)
         self.graphs = graphs
-        self.con = store.con.cursor()  # same views, own connection state
+        self.con = self.store.con
         self.lock = threading.RLock()
         self._catalog_ready = False
         self._top_tokens_ready = False

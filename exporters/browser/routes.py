@@ -16,7 +16,7 @@ from pathlib import Path
 
 from featurestore.errors import UserError
 
-from .queries import BrowserData, _int
+from .queries import BrowserData, _float, _int
 
 ASSETS = ("browser.js", "browser.css")
 ASSET_PREFIX = "/browser-assets/"
@@ -30,7 +30,8 @@ class BrowserApp:
 
     def __init__(self, store, graphs: Path | None = None, model: str | None = None):
         self.store = store
-        self.data = BrowserData(store, graphs)
+        self.data = BrowserData(store, graphs)  # opens its own connection to the store
+        self._trace_store = None  # another one for traces, used under the model lock
         self.model = model
         self.has_graphs = graphs is not None
         self._model_lock = threading.Lock()
@@ -132,7 +133,8 @@ class BrowserApp:
 
         text, response, fmt = self._text(query)
         with self._model_lock:
-            result = trace(text, self._loaded(), self.store, response=response, format=fmt)
+            model = self._loaded()
+            result = trace(text, model, self._trace_store, response=response, format=fmt)
         return result.to_dict(per_token=_int(query.get("per_token") or 10, "per_token"),
                               features=_int(query.get("features") or 40, "features"))
 
@@ -143,10 +145,11 @@ class BrowserApp:
         edits = [parse_edit(e) for e in (query.get("edits") or "").split(",") if e.strip()]
         decoding = Decoding(max_new_tokens=min(200, _int(query.get("max_new_tokens") or 20, "max_new_tokens")),
                             sample=query.get("sample") in ("1", "true", "yes"),
-                            temperature=float(query.get("temperature") or 1.0), seed=_int(query.get("seed") or 0, "seed"))
+                            temperature=_float(query.get("temperature") or 1.0, "temperature"), seed=_int(query.get("seed") or 0, "seed"))
         track = [query["track"]] if query.get("track") else []
         with self._model_lock:
-            return steer_text(text, self._loaded(), edits, self.store, response=response, format=fmt,
+            model = self._loaded()
+            return steer_text(text, model, edits, self._trace_store, response=response, format=fmt,
                               decoding=decoding, top=5, track=track).to_dict()
 
     def _text(self, query: dict) -> tuple[str, str | None, str | None]:
@@ -160,10 +163,12 @@ class BrowserApp:
     def _loaded(self):
         from featurestore.tracing import check_same_model, load_cached
 
+        from featurestore.store import Store
+
         net, tokenizer, info = load_cached(self.model)
-        if not getattr(self, "_checked", False):
+        if self._trace_store is None:
             check_same_model(self.store, info)
-            self._checked = True
+            self._trace_store = Store(self.store.path)
         return net, tokenizer
 
 
