@@ -16,7 +16,7 @@ def _common(fn):
         click.option("--store", default=None, help="Store whose format, tokenization and descriptions to use."),
         click.option("--format", "fmt", type=click.Choice(_FORMATS), default=None,
                      help="How to format the text: a data format (the text is the user turn; default: the store's "
-                          "format) or raw (the text as it is)."),
+                          "format, raw without --store) or raw (the text as it is)."),
         click.option("--response", default=None, help="With a data format: the assistant turn after the text."),
         click.option("--dtype", default="float32", show_default=True, help="float32 reproduces the store's CPU values."),
         click.option("--device", default="cpu", show_default=True),
@@ -43,8 +43,11 @@ def register(group: click.Group) -> None:
                   help="Features shown with their activations along the text.")
     def trace_command(text, model, store, fmt, response, dtype, device, as_json, top, n_features):
         """Which features fire on TEXT: per token the active features (activation, description), and per
-        feature its activations along the text. With --store, the text is formatted and tokenized like the
-        store's data, so a text from the store gives exactly the store's activations."""
+        feature its activations along the text.
+
+        With --store, the text is formatted and tokenized like the store's data (its format, BOS rule and
+        max length), so a stored text (--response for its assistant turn) gives the store's rows for it, with
+        values equal up to float32 rounding. Without --store, the text is taken raw (with the tokenizer's BOS)."""
         from featurestore.tracing import trace
 
         result = trace(text, model, _open(store), response=response, format=fmt, dtype=dtype, device=device)
