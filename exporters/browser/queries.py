@@ -117,7 +117,8 @@ class BrowserData:
         sort = SORTS.get(params.get("sort") or "layer")
         if sort is None:
             raise UserError(f"sort must be one of {', '.join(SORTS)}")
-        direction = "DESC" if params.get("order", "desc" if params.get("sort") in ("freq", "max_act", "count") else "asc") == "desc" else "ASC"
+        default = "desc" if params.get("sort") in ("freq", "max_act", "count") else "asc"
+        direction = "DESC" if (params.get("order") or default) == "desc" else "ASC"
         order = ", ".join(f"{col} {direction} NULLS LAST" for col in sort.split(", ")) + ", layer, feature"
         limit = min(MAX_LIMIT, max(1, _int(params.get("limit") or 50, "limit")))
         offset = max(0, _int(params.get("offset") or 0, "offset"))
