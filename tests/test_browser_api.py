@@ -146,3 +146,25 @@ def test_cli_serve_store_without_graphs_says_what_it_does(tiny, monkeypatch):
     assert json.loads(fetched["body"])["store"] == str(tiny["store_path"].resolve())
     assert main(["serve", "--port", "0"]) == 2
     assert main(["serve", "--graphs", "/nonexistent", "--model", "x", "--port", "0"]) == 2
+
+
+def test_neuron_features_are_listed_and_paged(tiny, tmp_path):
+    import shutil
+
+    import featurestore as fs
+    from exporters.browser.queries import BrowserData
+
+    shutil.copytree(tiny["store_path"], tmp_path / "store")
+    store = fs.collect(str(tiny["model"]), str(tiny["data"]), tmp_path / "store", source="neuron", neurons_per_layer=8,
+                       chunk_size=8, batch_tokens=512, progress=False)
+    data = BrowserData(store)
+    assert data.overview()["sources"] == ["neuron", "transcoder"]
+    listed = data.list_features({"source": "neuron", "sort": "count", "limit": "3"})
+    assert listed["total"] == store.sql("SELECT count(*) FROM features WHERE source = 'neuron'").fetchall()[0][0]
+    top = listed["rows"][0]
+    page = data.feature_page("neuron", top["layer"], top["feature"])
+    stored = store.sql("SELECT count(*) FROM activations WHERE source = 'neuron' AND layer = ? AND feature = ?",
+                       [top["layer"], top["feature"]]).fetchall()[0][0]
+    assert page["stats"]["activation_count"] == top["activation_count"] >= stored == sum(page["histogram"]["counts"])
+    assert "neurons keep only their top positions" in page["note"] and page["groups"][0]["examples"]
+    assert page["logit_lens"]["top"]
