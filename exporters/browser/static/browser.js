@@ -284,10 +284,18 @@
       out.replaceChildren(el('p', { class: 'muted', text: 'running the model…' }))
       const params = { text: text.value, format: format.value }
       if (response.value) params.response = response.value
+      history.replaceState(null, '', '/trace?' + new URLSearchParams(params))  // a trace is a link too
       try { renderTrace(out, await api('trace', params), params) } catch (error) { showError(out, error) }
     } })
     app.replaceChildren(el('h2', { text: 'Which features fire on this text' }), text, response,
       el('div', {}, 'format ', format, ' ', run), out)
+    const given = new URLSearchParams(location.search)
+    if (given.get('text')) {
+      text.value = given.get('text')
+      response.value = given.get('response') || ''
+      if ([...format.options].some(o => o.value === given.get('format'))) format.value = given.get('format')
+      run.click()
+    }
   }
 
   function renderTrace(out, trace, params) {
