@@ -3,6 +3,7 @@ search, a feature page, a graph link that opens on its node, trace of a stored t
 from __future__ import annotations
 
 import json
+import urllib.parse
 import urllib.request
 from datetime import datetime, timezone
 
@@ -170,6 +171,7 @@ def test_trace_a_stored_text_and_ablate_a_feature(browser, site, demo):
     p.page.fill("#trace-response", response)
     p.page.click("#trace-run")
     p.page.wait_for_selector("#trace-features tr.trace-feature", timeout=60_000)
+    assert urllib.parse.parse_qs(urllib.parse.urlsplit(p.page.url).query)["response"] == [response]  # linkable
     n_tokens = store.sql("SELECT count(*) FROM tokens WHERE seq_id = ?", [seq_id]).fetchall()[0][0]
     assert p.page.locator("#trace-tokens .tok").count() == n_tokens
     shown = p.page.eval_on_selector_all("#trace-features tr.trace-feature", """rs => rs.map(r =>
