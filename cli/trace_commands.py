@@ -46,8 +46,9 @@ def register(group: click.Group) -> None:
         feature its activations along the text.
 
         With --store, the text is formatted and tokenized like the store's data (its format, BOS rule and
-        max length), so a stored text (--response for its assistant turn) gives the store's rows for it, with
-        values equal up to float32 rounding. Without --store, the text is taken raw (with the tokenizer's BOS)."""
+        max length), and a stored text (--response for its assistant turn) is run padded like its collection
+        batch, so it gives exactly the store's rows for it (float32 on the CPU, as collected there). Without
+        --store, the text is taken raw (with the tokenizer's BOS)."""
         from featurestore.tracing import trace
 
         result = trace(text, model, _open(store), response=response, format=fmt, dtype=dtype, device=device)

@@ -1,8 +1,9 @@
 """Which features fire on a text: run the adapter model on it and read every adapter's features.
 
 The text is formatted and tokenized as the store's data was (its ``format``, BOS rule and ``max_length``) and run
-in float32 on the CPU by default, as collection runs, so tracing a text that is in the store gives the store's
-activations for it. Activations are kept sparse (only non-zeros), so a long text at 28 x 8192 stays small.
+in float32 on the CPU by default, as collection runs. When the tokens are a stored sequence's, the pass is also
+padded to the length of the batch that sequence was collected in (float32 kernels round differently at other
+lengths), so tracing a text that is in the store gives exactly, bit for bit, the store's activations for it. Activations are kept sparse (only non-zeros), so a long text at 28 x 8192 stays small.
 Torch is imported only when a trace runs.
 """
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Trace:
     act: np.ndarray
     layers: list[int]
     descriptions: dict[tuple[int, int], str] = field(default_factory=dict)
+    stored_seq_id: int | None = None  # the stored sequence with exactly these tokens, if any
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -160,8 +162,10 @@ class Trace:
                 "features": [t | {"acts": self.feature_acts(t["layer"], t["feature"])} for t in tops]}
 
 
-def run_features(net, ids: list[int], layers: list[int]) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """One forward pass (no LM head) reading each layer's non-zero features: layer -> (pos, feature, act)."""
+def run_features(net, ids: list[int], layers: list[int], pad_to: int | None = None,
+                 pad_id: int = 0) -> dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One forward pass (no LM head) reading each layer's non-zero features: layer -> (pos, feature, act).
+    ``pad_to`` right-pads the pass (masked) as a collection batch of that length was."""
     import torch
 
     from .capture import StopForward
@@ -172,7 +176,7 @@ def run_features(net, ids: list[int], layers: list[int]) -> dict[int, tuple[np.n
 
     def hook(layer: int, features: torch.Tensor) -> None:
         if layer in wanted:
-            dense = features[0].float()
+            dense = features[0, :len(ids)].float()
             pos, feat = dense.nonzero(as_tuple=True)
             found[layer] = (pos.to(torch.int32).cpu().numpy(), feat.to(torch.int32).cpu().numpy(),
                             dense[pos, feat].cpu().numpy().astype(np.float32))
@@ -183,9 +187,16 @@ def run_features(net, ids: list[int], layers: list[int]) -> dict[int, tuple[np.n
     for adapter in adapters:
         adapter.feature_hook = hook
     try:
+        length = max(len(ids), pad_to or 0)
+        input_ids = torch.full((1, length), pad_id, dtype=torch.long)
+        input_ids[0, :len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        mask = None
+        if length > len(ids):
+            mask = torch.zeros((1, length), dtype=torch.long, device=device)
+            mask[0, :len(ids)] = 1
         with torch.inference_mode():
             try:
-                net.model(input_ids=torch.as_tensor([ids], dtype=torch.long, device=device), use_cache=False)
+                net.model(input_ids=input_ids.to(device), attention_mask=mask, use_cache=False)
             except StopForward:
                 pass
     finally:
@@ -215,15 +226,51 @@ def trace(text: str, model, store: "Store | None" = None, *, response: str | Non
     layers = sorted(layers or all_layers)
     if any(l not in all_layers for l in layers):
         raise UserError(f"layers {layers} outside the model's {len(all_layers)} layers")
-    found = run_features(net, ids, layers)
+    stored, pad_to = collected_batch(store, ids) if store is not None else (None, None)
+    pad_id = next(x for x in (tok.pad_token_id, tok.eos_token_id, 0) if x is not None)
+    found = run_features(net, ids, layers, pad_to, pad_id)
     parts = [(np.full(len(found[l][0]), l, np.int32),) + found[l] for l in layers if l in found]
     layer, pos, feature, act = (np.concatenate([p[i] for p in parts]) if parts else np.zeros(0, np.int32) for i in range(4))
     order = np.lexsort((feature, pos, layer))
     tokens, readable = token_strings(store, tok, ids)
-    trace_ = Trace(ids, tokens, readable, layer[order], pos[order], feature[order], act[order].astype(np.float32), layers)
+    trace_ = Trace(ids, tokens, readable, layer[order], pos[order], feature[order], act[order].astype(np.float32), layers,
+                   stored_seq_id=stored)
     if store is not None and len(trace_.act):
         trace_.descriptions = _descriptions(store, trace_)
     return trace_
+
+
+def collected_batch(store: "Store", ids: list[int], max_candidates: int = 256) -> tuple[int | None, int | None]:
+    """(seq_id, padded length of its collection batch) when ``ids`` are a stored sequence's tokens, else Nones.
+
+    The batch is re-planned as collection planned it: the chunk's sequence lengths in row order, the run's
+    ``batch_tokens``, ``collection.plan_batches``."""
+    candidates = [s for (s,) in store.con.execute(
+        "SELECT seq_id FROM sequences WHERE n_tokens = ? ORDER BY seq_id LIMIT ?", [len(ids), max_candidates]).fetchall()]
+    if not candidates:
+        return None, None
+    rows = store.con.execute("SELECT seq_id, list(token_id ORDER BY pos) FROM tokens "
+                             "WHERE seq_id IN (SELECT unnest(?::INTEGER[])) GROUP BY seq_id ORDER BY seq_id",
+                             [candidates]).fetchall()
+    seq_id = next((s for s, tokens in rows if list(tokens) == list(ids)), None)
+    manifest = store.manifest
+    chunk = next((c for c in manifest.get("chunks", []) if c["source"] == "transcoder"
+                  and c["rows"][0] <= (seq_id if seq_id is not None else -1) < c["rows"][1]), None)
+    if chunk is None:
+        return seq_id, None
+    runs = [r for r in manifest.get("runs", []) if r.get("source") == "transcoder"
+            and str(r.get("started", "")) <= str(chunk.get("committed", ""))]
+    batch_tokens = ((runs[-1] if runs else {}).get("options") or {}).get("batch_tokens")
+    if not batch_tokens:
+        return seq_id, None
+    from .collection import plan_batches
+
+    members = store.con.execute("SELECT seq_id, n_tokens FROM sequences WHERE seq_id >= ? AND seq_id < ? ORDER BY seq_id",
+                                [chunk["rows"][0], chunk["rows"][1]]).fetchall()
+    lengths = [n for _, n in members]
+    index = [s for s, _ in members].index(seq_id)
+    batch = next(b for b in plan_batches(lengths, int(batch_tokens)) if index in b)
+    return seq_id, lengths[batch[0]]
 
 
 def _resolve(model, dtype: str, device: str, tokenizer: str | None):
