@@ -212,6 +212,8 @@ def trace(text: str, model, store: "Store | None" = None, *, response: str | Non
 
     ``format`` defaults to the store's data format: ``text`` is then the user turn (``response`` the assistant
     turn); ``raw`` feeds the text as it is."""
+    if tokenizer is None and store_settings(store).get("tokenizer") not in (None, "model"):
+        tokenizer = store_settings(store)["tokenizer"]  # the store was tokenized with another tokenizer
     net, tok, info = _resolve(model, dtype, device, tokenizer)
     if store is not None and check_model and info is not None:
         check_same_model(store, info)
@@ -226,7 +228,7 @@ def trace(text: str, model, store: "Store | None" = None, *, response: str | Non
     layers = sorted(layers or all_layers)
     if any(l not in all_layers for l in layers):
         raise UserError(f"layers {layers} outside the model's {len(all_layers)} layers")
-    stored, pad_to = collected_batch(store, ids) if store is not None else (None, None)
+    stored, pad_to = collected_batch(store, ids, tok) if store is not None else (None, None)
     pad_id = next(x for x in (tok.pad_token_id, tok.eos_token_id, 0) if x is not None)
     found = run_features(net, ids, layers, pad_to, pad_id)
     parts = [(np.full(len(found[l][0]), l, np.int32),) + found[l] for l in layers if l in found]
@@ -240,18 +242,28 @@ def trace(text: str, model, store: "Store | None" = None, *, response: str | Non
     return trace_
 
 
-def collected_batch(store: "Store", ids: list[int], max_candidates: int = 256) -> tuple[int | None, int | None]:
+def collected_batch(store: "Store", ids: list[int], tokenizer=None,
+                    max_candidates: int = 64) -> tuple[int | None, int | None]:
     """(seq_id, padded length of its collection batch) when ``ids`` are a stored sequence's tokens, else Nones.
 
     The batch is re-planned as collection planned it: the chunk's sequence lengths in row order, the run's
     ``batch_tokens``, ``collection.plan_batches``."""
+    where, params = ["n_tokens = ?"], [len(ids)]
+    if tokenizer is not None:  # narrow by the marker positions (the small sequences table) before reading tokens
+        from .regions import MARKERS, MarkerIds, find_markers
+
+        found = find_markers(np.asarray(ids), MarkerIds.from_tokenizer(tokenizer))
+        for name in MARKERS:
+            where.append(f"{name} IS NOT DISTINCT FROM ?")
+            params.append(found[name])
     candidates = [s for (s,) in store.con.execute(
-        "SELECT seq_id FROM sequences WHERE n_tokens = ? ORDER BY seq_id LIMIT ?", [len(ids), max_candidates]).fetchall()]
+        f"SELECT seq_id FROM sequences WHERE {' AND '.join(where)} ORDER BY seq_id LIMIT ?",
+        params + [max_candidates]).fetchall()]
     if not candidates:
         return None, None
-    rows = store.con.execute("SELECT seq_id, list(token_id ORDER BY pos) FROM tokens "
-                             "WHERE seq_id IN (SELECT unnest(?::INTEGER[])) GROUP BY seq_id ORDER BY seq_id",
-                             [candidates]).fetchall()
+    rows = store.con.execute("SELECT seq_id, list(token_id ORDER BY pos) FROM tokens WHERE seq_id BETWEEN ? AND ? "
+                             "AND seq_id IN (SELECT unnest(?::INTEGER[])) GROUP BY seq_id ORDER BY seq_id",
+                             [min(candidates), max(candidates), candidates]).fetchall()
     seq_id = next((s for s, tokens in rows if list(tokens) == list(ids)), None)
     manifest = store.manifest
     chunk = next((c for c in manifest.get("chunks", []) if c["source"] == "transcoder"
