@@ -201,7 +201,8 @@ def steer_text(text: str, model, edits: list[Edit | str], store=None, *, respons
     loaded ``(net, tokenizer)``; ``track`` names tokens (vocab display strings) whose probabilities to report."""
     from . import tracing
 
-    net, tokenizer, info = tracing._resolve(model, dtype, device, None)
+    other = tracing.store_settings(store).get("tokenizer")
+    net, tokenizer, info = tracing._resolve(model, dtype, device, other if other not in (None, "model") else None)
     if store is not None and info is not None:
         tracing.check_same_model(store, info)
     settings = tracing.store_settings(store)
