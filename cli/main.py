@@ -21,7 +21,8 @@ def cli():
 def _register() -> None:
     import importlib
 
-    for name in ("store_commands", "export_commands", "judge_commands", "attribute_commands", "serve_commands"):
+    for name in ("store_commands", "export_commands", "judge_commands", "attribute_commands", "serve_commands",
+                 "trace_commands"):
         try:
             module = importlib.import_module(f"cli.{name}")
         except ModuleNotFoundError as exc:

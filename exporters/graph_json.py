@@ -13,14 +13,15 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 from featurestore.errors import UserError
 from featurestore.ids import cantor
 from featurestore.storage import write_bytes_atomic
 
-from attribution.graph import Graph
-from attribution.prune import PruneResult, prune
+if TYPE_CHECKING:  # torch-free at import: `featurestore serve` reads METADATA_FILE and check_slug from here
+    from attribution.graph import Graph
+    from attribution.prune import PruneResult
 
 FEATURE_TYPE = "cross layer transcoder"  # the only feature_type for which the viewer loads examples
 METADATA_FILE = "graph-metadata.json"
@@ -77,6 +78,8 @@ def build_nodes(graph: Graph, kept, influence, descriptions: Mapping[tuple[int, 
 def build_graph_json(graph: Graph, slug: str, scan: str, node_threshold: float, edge_threshold: float,
                      descriptions: Mapping[tuple[int, int], str] | None = None) -> tuple[dict, PruneResult]:
     """The viewer's graph object (metadata, qParams, nodes, links) and the pruning behind it."""
+    from attribution.prune import prune
+
     pruned = prune(graph.adjacency, graph.logit_probabilities, graph.n_selected, graph.n_pos,
                    node_threshold, edge_threshold)
     kept = pruned.node_mask.nonzero()[:, 0].tolist()

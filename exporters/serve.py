@@ -9,6 +9,7 @@ Routes (GET and HEAD):
   /features/<id>.json             a feature document from the source (dead document when it has none)
   /features/index.json.gz, /features/layer_<L>.bin    a pack source's raw files, with Range (206 + Content-Range)
   /<other>                        static viewer assets
+With --store, the feature browser (exporters.browser) answers /, /features, /feature/..., /trace, /api/... first.
 POST /save_graph/<slug> stores the page's qParams in <slug>.json, as circuit-tracer's own server does.
 Nothing outside those directories is served; compressed files go out as raw bytes (no Content-Encoding).
 """
@@ -48,17 +49,22 @@ _TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=
 
 @dataclass
 class ViewerConfig:
-    graphs: Path
+    graphs: Path | None
     features: FeatureSource
     assets: Path = field(default_factory=viewer_assets.default_assets_dir)
     frontend: Path = field(default_factory=viewer_assets.frontend_dir)
+    browser: object | None = None  # exporters.browser.routes.BrowserApp, when serving a store
 
     def __post_init__(self):
-        self.graphs = Path(self.graphs).expanduser().resolve()
-        if not self.graphs.is_dir():
-            raise UserError(f"--graphs {self.graphs}: not a directory")
-        if not (self.graphs / METADATA_FILE).is_file():
-            raise UserError(f"--graphs {self.graphs}: no {METADATA_FILE} (write graphs with `featurestore attribute`)")
+        if self.graphs is None:
+            if self.browser is None:
+                raise UserError("give --graphs DIR, or --store STORE for the feature browser")
+        else:
+            self.graphs = Path(self.graphs).expanduser().resolve()
+            if not self.graphs.is_dir():
+                raise UserError(f"--graphs {self.graphs}: not a directory")
+            if not (self.graphs / METADATA_FILE).is_file():
+                raise UserError(f"--graphs {self.graphs}: no {METADATA_FILE} (write graphs with `featurestore attribute`)")
         self.frontend = self.frontend.resolve()
         self.local_scripts = viewer_assets.present_assets(self.assets)
         self.has_local_source = self.features.kind != "none"
@@ -94,6 +100,8 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None | str:
     if not match:
         return None  # multiple or malformed ranges: ignoring Range is allowed
     first, last = match.groups()
+    if len(first) > 18 or len(last) > 18:
+        return "unsatisfiable"  # no file is that large (and int() of thousands of digits is refused or slow)
     if first == "" and last == "":
         return None
     if first == "":
@@ -125,9 +133,18 @@ class ViewerHandler(BaseHTTPRequestHandler):
         self.send_body = send_body
         if not self._host_allowed():
             return self._error(HTTPStatus.FORBIDDEN, "unexpected Host header")
-        raw_path = urllib.parse.urlsplit(self.path).path
-        path = urllib.parse.unquote(raw_path)
+        split = urllib.parse.urlsplit(self.path)
+        path = urllib.parse.unquote(split.path)
         config = self.config
+        if config.browser is not None:
+            try:
+                query = {k: v[-1] for k, v in urllib.parse.parse_qs(split.query, max_num_fields=64).items()}
+            except ValueError:
+                return self._error(HTTPStatus.BAD_REQUEST, "too many query parameters")
+            if config.browser.handle(self, path, query):
+                return
+        if config.graphs is None and (path.startswith(("/data/", "/graph_data/")) or path in ("/", "/index.html")):
+            return self._error(HTTPStatus.NOT_FOUND, "no --graphs given: only the feature browser is served")
         if path in ("/", ""):
             path = "/index.html"
         name = path[1:]
@@ -138,7 +155,11 @@ class ViewerHandler(BaseHTTPRequestHandler):
         if path.startswith("/data/"):
             return self._data(path[len("/data/"):])
         if path.startswith("/graph_data/"):
-            return self._file(config.graphs, path[len("/graph_data/"):])
+            relative = path[len("/graph_data/"):]
+            target = safe_join(config.graphs, relative)
+            if target is None or not target.is_file():
+                return self._file(config.graphs, relative)
+            return self._graph_or_file(target, relative)
         if path.startswith("/features/"):
             return self._features(path[len("/features/"):])
         return self._file(config.frontend, name)
@@ -157,7 +178,18 @@ class ViewerHandler(BaseHTTPRequestHandler):
         feature = _DATA_FEATURE.match(relative)
         if feature and (("/" in relative and self.config.has_local_source) or not target.is_file()):
             return self._feature_document(int(feature.group(1)))
-        return self._send_file(target) if target.is_file() else self._error(HTTPStatus.NOT_FOUND, "not found")
+        if not target.is_file():
+            return self._error(HTTPStatus.NOT_FOUND, "not found")
+        return self._graph_or_file(target, relative)
+
+    def _graph_or_file(self, target: Path, relative: str):
+        """A graph file gets the store's labels on unlabelled feature nodes (when a browser serves a store)."""
+        if self.config.browser is not None and "/" not in relative and relative.endswith(".json") \
+                and relative != METADATA_FILE:
+            data = self.config.browser.labelled_graph(target)
+            if data is not None:
+                return self._send_bytes(data, _TYPES[".json"])
+        return self._send_file(target)
 
     def _features(self, name: str):
         feature = _FEATURE_JSON.match(name)
@@ -190,7 +222,7 @@ class ViewerHandler(BaseHTTPRequestHandler):
         path = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
         self.send_body = True
         self.close_connection = True  # a refused body is never read, so the connection cannot be reused
-        if not path.startswith("/save_graph/"):
+        if not path.startswith("/save_graph/") or self.config.graphs is None:
             return self._error(HTTPStatus.NOT_FOUND, "not found")
         origin = self.headers.get("Origin")
         if not self._host_allowed() or (origin and not self._is_own_host(urllib.parse.urlsplit(origin).hostname)):

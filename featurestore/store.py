@@ -100,6 +100,18 @@ class Store:
         from .interp.queries import descriptions
         return descriptions(self, source, run_id)
 
+    def trace(self, text: str, model, **options):
+        """Which features fire on ``text`` (formatted like the store's data): see ``featurestore.tracing.trace``."""
+        from .tracing import trace
+
+        return trace(text, model, self, **options)
+
+    def steer(self, text: str, model, edits, **options):
+        """The model with and without ``edits`` ("3/17=0", "3=off") on ``text``: see ``featurestore.intervention``."""
+        from .intervention import steer_text
+
+        return steer_text(text, model, edits, self, **options)
+
     def info(self) -> dict:
         m = self.manifest
         counts = dict(self.con.execute(

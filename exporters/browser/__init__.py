@@ -1,0 +1,1 @@
+"""The feature browser of `featurestore serve` (see routes.py and queries.py)."""
