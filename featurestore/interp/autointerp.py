@@ -27,6 +27,7 @@ from .fuzzing import FuzzSet, build_fuzz_set, score_fuzzing
 from .metrics import Confusion, format_scorer_summary, format_summary, summarize, summarize_scorers
 from .negatives import DetectionSet, NegativeSampler, assemble
 from .prompts import AUTOINTERP_VERSION, FUZZ_VERSION, detect_messages, explain_messages, fuzz_messages
+from .replay import ScoringRun, load_replay
 from .rescore import Descriptions, resolve as resolve_descriptions
 from .runner import JudgeRun, PrepareFailed, RunSummary, batches_by_layer, open_run, pipeline, RunLock
 from .sampling import select_features
@@ -164,17 +165,21 @@ def autointerp(store, judge: JudgeSettings | None = None, *, n_per_layer: int = 
     writer = InterpWriter(store.path, rid, flush_rows=flush_rows, flush_seconds=flush_seconds)
     writer.add("runs", run_row)
 
+    replay = load_replay(store.path, rid, sorted(set(todo) | set(selected) if control else set(todo))) if resumed else {}
+
     async def main() -> list[JudgeRun]:
-        runs: dict[str, JudgeRun] = {}
+        runs: dict[str, ScoringRun] = {}
         if "explain" in keys:
-            runs["explain"] = JudgeRun(store, JudgeClient(judge, api_key=keys["explain"]), writer, rid, source,
-                                       AUTOINTERP_VERSION, progress)
+            runs["explain"] = ScoringRun(store, JudgeClient(judge, api_key=keys["explain"]), writer, rid, source,
+                                         AUTOINTERP_VERSION, progress)
         if chat_scoring:
-            runs["score"] = runs["explain"] if scorer is None and "explain" in runs else JudgeRun(
+            runs["score"] = runs["explain"] if scorer is None and "explain" in runs else ScoringRun(
                 store, JudgeClient(scorer or judge, api_key=keys["score"]), writer, rid, source, AUTOINTERP_VERSION, progress)
         if "embedding" in scorers:
-            runs["embed"] = JudgeRun(store, EmbeddingClient(embeddings, api_key=keys["embed"]), writer, rid, source,
-                                     AUTOINTERP_VERSION, progress)
+            runs["embed"] = ScoringRun(store, EmbeddingClient(embeddings, api_key=keys["embed"]), writer, rid, source,
+                                       AUTOINTERP_VERSION, progress)
+        for run in runs.values():
+            run.replay = replay  # shared: an answer is taken once
         any_run = next(iter(runs.values()))
         for key in imported:  # re-scoring: the descriptions become this run's explanations, with their authors
             row = descriptions.rows[key]
@@ -201,9 +206,10 @@ def autointerp(store, judge: JudgeSettings | None = None, *, n_per_layer: int = 
                 if "embedding" in scorers and (job.layer, job.feature, "embedding", c, control) not in scored:
                     tasks.append(("scorer_scores", score_embedding(runs["embed"], job.layer, job.feature, job.sets[c],
                                                                    description, owner, control)))
-            rows = await asyncio.gather(*[task for _, task in tasks])
-            for (table, _), row in zip(tasks, rows):
-                writer.add(table, row)
+            async def write_when_done(table: str, task) -> None:  # each result as soon as it is in
+                writer.add(table, await task)
+
+            await asyncio.gather(*[write_when_done(table, task) for table, task in tasks])
 
         def failed_scores(job: PrepareFailed, control: bool) -> None:
             layer, feature = job.item

@@ -120,6 +120,9 @@ async def ask_embeddings(run, layer: int, feature: int, purpose: str, inputs: li
     """Like ``JudgeRun.ask`` for embeddings: (vectors or None, error or None, requests, tokens); every request logged."""
     from .runner import Asked
 
+    replayed = run.take(layer, feature, purpose, inputs, lambda text: validate_embeddings(text, len(inputs)))
+    if replayed is not None:  # answered before a kill, its result not yet written
+        return replayed
     asked = Asked()
     problem = "no attempt made"
     for _ in range(max(1, run.client.settings.answer_attempts)):
