@@ -338,3 +338,114 @@ def test_dry_run_shows_every_scorer(store):
     text = plan.text()
     assert text.count("===== fuzz (top) L") == 2 and text.count("===== embed (top) L") == 2
     assert "<<<" in text.split("===== fuzz (top)")[1]
+
+
+# ---- issue 16: the judges' files load with a reader written from the original's file layout
+
+def read_original_autointerp(path) -> dict:
+    """What a script written for the original auto_interp.py output does: typed keys, then arithmetic."""
+    doc = json.loads(path.read_text())
+    meta = doc["metadata"]
+    for key, kind in {"input_dir": str, "data_path": str, "model": str, "tokenizer": str, "max_tokens": int,
+                      "n_per_layer": int, "min_freq": float, "seed": int, "n_processed": int,
+                      "mean_detection_top_accuracy": float, "mean_detection_random_accuracy": float}.items():
+        assert isinstance(meta[key], kind) and not isinstance(meta[key], bool), (key, meta[key])
+    out = {}
+    for f in doc["features"]:
+        for key, kind in {"layer": int, "feature": int, "cantor_id": int, "description": str, "reasoning": str,
+                          "n_examples": int, "activation_freq": float}.items():
+            assert isinstance(f[key], kind) and not isinstance(f[key], bool), (key, f[key])
+        assert f["cantor_id"] == (f["layer"] + f["feature"]) * (f["layer"] + f["feature"] + 1) // 2 + f["feature"]
+        for condition in ("top", "random"):
+            for metric in ("accuracy", "precision", "recall"):
+                value = f[f"detection_{condition}_{metric}"]
+                assert isinstance(value, float) and 0.0 <= value <= 1.0
+        f["mean_accuracy"] = (f["detection_top_accuracy"] + f["detection_random_accuracy"]) / 2  # arithmetic works
+        out[(f["layer"], f["feature"])] = f
+    assert meta["n_processed"] == len(out)
+    return {"metadata": meta, "features": out}
+
+
+def read_original_classifications(path) -> dict:
+    doc = json.loads(path.read_text())
+    meta = doc["metadata"]
+    for key, kind in {"input_dir": str, "model": str, "n_per_layer": int, "min_freq": float, "seed": int,
+                      "n_classified": int}.items():
+        assert isinstance(meta[key], kind) and not isinstance(meta[key], bool), (key, meta[key])
+    out = {}
+    for f in doc["features"]:
+        assert f["category"] in ("language", "domain", "reasoning", "uninterpretable")
+        assert f["confidence"] in ("high", "medium", "low")
+        assert (f["mechanism"] is not None) == (f["category"] == "reasoning")
+        assert (f["domain_type"] is not None) == (f["category"] == "domain")
+        for key in ("category_description", "llm_reasoning"):
+            assert isinstance(f[key], str)
+        for key in ("mechanism_description", "input_pattern", "output_pattern"):
+            assert f[key] is None or isinstance(f[key], str)
+        assert isinstance(f["n_examples"], int) and isinstance(f["activation_freq"], float)
+        assert isinstance(f["top_logits"], list) and all(isinstance(t, str) for t in f["top_logits"])
+        out[(f["layer"], f["feature"])] = f
+    assert meta["n_classified"] == len(out)
+    return {"metadata": meta, "features": out}
+
+
+def test_exports_load_with_the_original_readers(store, tmp_path):
+    from exporters.interp_json import export_autointerp, export_classifications
+    from featurestore.interp import classify
+
+    failed = Counter()
+
+    def respond(body, n):
+        if request_kind(body) == "detect" and not failed["n"]:
+            failed["n"] += 1
+            return Reply(content="{}")  # the first detection answer is invalid: that condition becomes an error row
+        return Scripted()(body, n)
+
+    chosen = "0:1,0:2,1:2"
+    with OpenAIStub(respond, Embedder(vector)) as stub:
+        run = autointerp(store, settings(stub, "explainer-model", answer_attempts=1), features=chosen, n_per_layer=250,
+                         evidence=EVIDENCE, progress=False, api_key="k", scorers="detection,fuzzing,embedding",
+                         embeddings=settings(stub, "embed-model"))
+        classify(store, settings(stub, "judge"), features=chosen, n_per_layer=250, evidence=EVIDENCE, progress=False,
+                 api_key="k")
+    doc = read_original_autointerp(export_autointerp(store, tmp_path / "autointerp.json", run.run_id))
+    meta, features = doc["metadata"], doc["features"]
+    assert meta["n_per_layer"] == 2 and meta["features_per_layer"] == {"0": 2, "1": 1} and meta["features_chosen"]
+    assert meta["scorers"] == ["detection", "fuzzing", "embedding"] and meta["embeddings_model"] == "embed-model"
+    assert "0.0" in meta["missing_values"]
+    assert set(features) == {(0, 1), (0, 2), (1, 2)}
+    stats = {(l, f): (n, q) for l, f, n, q in store.sql(
+        "SELECT layer, feature, activation_count, activation_freq FROM features WHERE source = 'transcoder'").fetchall()}
+    rows = store.sql("SELECT layer, feature, condition, status, tp, fp, tn, fn FROM detection_scores WHERE run_id = ? "
+                     "AND NOT control", params=[run.run_id]).fetchall()
+    errors = [(l, f, c) for l, f, c, status, *_ in rows if status != "ok"]
+    assert len(errors) == 1
+    for layer, feature, condition, status, tp, fp, tn, fn in rows:
+        f = features[(layer, feature)]
+        name = "top" if condition == "top" else "random"
+        if status != "ok":  # a number, and said so
+            assert f[f"detection_{name}_accuracy"] == 0.0 and f["missing_conditions"] == [f"detection_{name}"]
+            continue
+        assert f[f"detection_{name}_accuracy"] == pytest.approx((tp + tn) / (tp + fp + tn + fn))
+        assert f[f"detection_{name}_precision"] == pytest.approx(tp / (tp + fp) if tp + fp else 0.0)
+        assert f[f"detection_{name}_recall"] == pytest.approx(tp / (tp + fn))
+        assert f[f"detection_{name}_ci_low"] <= f[f"detection_{name}_balanced_accuracy"] <= f[f"detection_{name}_ci_high"]
+    ok_top = [(tp + tn) / (tp + fp + tn + fn) for _, _, c, s, tp, fp, tn, fn in rows if c == "top" and s == "ok"]
+    assert meta["mean_detection_top_accuracy"] == pytest.approx(sum(ok_top) / len(ok_top))
+    for key, f in features.items():
+        count, freq = stats[key]
+        assert f["n_examples"] == min(20, count) + min(10, count)  # the original's meaning: top + random of the JSON
+        assert f["n_examples_explained"] == EVIDENCE.n_top + EVIDENCE.n_lower  # this pipeline's count, own name
+        assert f["activation_freq"] == pytest.approx(freq)
+        for scorer, metric in (("fuzzing", "balanced_accuracy"), ("embedding", "auroc")):
+            for name, condition in (("top", "top"), ("random", "lower")):
+                value = store.sql(f"SELECT {metric} FROM scorer_scores WHERE run_id = ? AND scorer = ? AND layer = ? "
+                                  "AND feature = ? AND condition = ? AND NOT control",
+                                  params=[run.run_id, scorer, *key, condition]).fetchall()
+                assert f[f"{scorer}_{name}_{metric}"] == pytest.approx(value[0][0])
+
+    doc = read_original_classifications(export_classifications(store, tmp_path / "feature_classifications.json"))
+    assert doc["metadata"]["n_per_layer"] == 2 and doc["metadata"]["features_per_layer"] == {"0": 2, "1": 1}
+    for key, f in doc["features"].items():
+        assert f["n_examples"] == min(EVIDENCE.n_top, stats[key][0])  # top examples shown, as in the original
+        assert f["n_examples_shown"] >= f["n_examples"]
