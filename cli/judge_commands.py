@@ -151,18 +151,16 @@ def register(group: click.Group) -> None:
         Columns <scorer>_<condition>_<metric>: balanced accuracy (detection, fuzzing) or AUROC (embedding), with
         _ci_low/_ci_high over the feature's own test items; empty where a scorer did not run or failed.
         """
-        import polars as pl
-
         import featurestore as fs
         from featurestore.interp import feature_scores
+        from featurestore.interp.compare import format_feature_scores
 
         table = feature_scores(fs.open(store), run_id)
         if out:
             table.write_csv(out)
             click.echo(out)
             return
-        with pl.Config(tbl_rows=-1, tbl_cols=-1, fmt_str_lengths=60, tbl_width_chars=200, float_precision=3):
-            click.echo(str(table))
+        click.echo(format_feature_scores(table))
 
 
 def register_export(export_group: click.Group) -> None:

@@ -449,3 +449,44 @@ def test_exports_load_with_the_original_readers(store, tmp_path):
     for key, f in doc["features"].items():
         assert f["n_examples"] == min(EVIDENCE.n_top, stats[key][0])  # top examples shown, as in the original
         assert f["n_examples_shown"] >= f["n_examples"]
+
+
+def test_cli_scorers_rescore_and_side_by_side(store, tmp_path, monkeypatch, capsys):
+    from cli.main import main
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-cli-secret")
+    small = ["--before", "6", "--after", "3", "--n-top", "6", "--n-lower", "3", "--n-test", "4", "--concurrency", "2"]
+    with OpenAIStub(Scripted(), Embedder(vector)) as stub:
+        assert main(["autointerp", str(store.path), "--features", "0:1,1:2", "--explainer-model", "writer",
+                     "--explainer-base-url", stub.base_url, "--no-control", *small]) == 0
+        store.refresh()  # the CLI wrote through its own handle
+        first = store.sql("SELECT DISTINCT run_id FROM explanations").fetchall()[0][0]
+        n = len(stub.requests)
+        assert main(["autointerp", str(store.path), "--rescore-from", first, "--scorers", "fuzzing,embedding",
+                     "--scorer-model", "reader", "--scorer-base-url", stub.base_url, "--embeddings-model", "emb",
+                     "--no-control", *small]) == 0
+        later = stub.bodies()[n:]
+    assert Counter(request_kind(b) for b in later) == {"fuzz": 4, "embed": 4}
+    assert {b["model"] for b in later} == {"reader", "emb"}
+    out = capsys.readouterr().out
+    assert "fuzzing" in out and "embedding" in out
+    store.refresh()
+    rescored = store.sql("SELECT run_id FROM interp_runs ORDER BY started_at DESC LIMIT 1").fetchall()[0][0]
+    target = tmp_path / "scores.csv"
+    assert main(["autointerp-scores", str(store.path), "--run", rescored, "--out", str(target)]) == 0
+    header = target.read_text().splitlines()[0].split(",")
+    assert header[:3] == ["layer", "feature", "description"]
+    assert {"fuzzing_top_balanced_accuracy", "fuzzing_top_ci_low", "embedding_lower_auroc"} <= set(header)
+    capsys.readouterr()
+    assert main(["autointerp-scores", str(store.path), "--run", rescored]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split()[:3] == ["feature", "fuzzing_top", "bal.acc"] and len(printed) == 3
+    assert "embedding_lower auroc" in printed[0] and printed[1].startswith("L0F1 ")
+    # a user error is one line and exit 2
+    assert main(["autointerp", str(store.path), "--scorers", "embedding", *small]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the embedding scorer needs an embeddings model (--embeddings-model)"]
+    # the key is never stored
+    for path in store.path.rglob("*"):
+        if path.is_file():
+            assert b"sk-cli-secret" not in path.read_bytes()

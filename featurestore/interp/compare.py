@@ -68,3 +68,22 @@ def feature_scores(store, run_id: str | None = None) -> pl.DataFrame:
             for (l, f), d in sorted(descriptions.items())]
     schema = {"layer": pl.Int32, "feature": pl.Int32, "description": pl.Utf8, **{c: pl.Float64 for c in columns}}
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def format_feature_scores(table: pl.DataFrame) -> str:
+    """A text table: one line per feature, one cell per scorer and condition (headline [95% CI]), then the description."""
+    groups = []
+    for column in table.columns:
+        for suffix in ("_balanced_accuracy", "_auroc"):
+            if column.endswith(suffix):
+                groups.append((column[: -len(suffix)], column))
+    header = f"{'feature':<12}" + "".join(f"{g + (' auroc' if c.endswith('auroc') else ' bal.acc'):<26}" for g, c in groups)
+    lines = [header + "description"]
+    for row in table.iter_rows(named=True):
+        cells = []
+        for group, column in groups:
+            value, low, high = row[column], row.get(f"{group}_ci_low"), row.get(f"{group}_ci_high")
+            cell = "-" if value is None else f"{value:.3f}" + ("" if low is None else f" [{low:.2f},{high:.2f}]")
+            cells.append(f"{cell:<26}")
+        lines.append(f"{'L%dF%d' % (row['layer'], row['feature']):<12}" + "".join(cells) + row["description"])
+    return "\n".join(lines)
