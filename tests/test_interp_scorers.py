@@ -207,6 +207,27 @@ def test_embedding_answers_are_validated_and_errors_are_rows(store):
     rows = store.sql("SELECT status, error FROM scorer_scores WHERE run_id = ?", params=[result.run_id]).fetchall()
     assert len(rows) == 4 and Counter(s for s, _ in rows) == {"ok": 2, "error": 2}
     assert {e for s, e in rows if s == "error"} == {"invalid answer after 1 tries: 1 embeddings for 9 inputs"}
+    # fuzzing answers are validated like detection's, and an endpoint without json_schema gets the fallback
+    from openai_stub import error_reply
+
+    def no_schema(body, n):
+        if (body.get("response_format") or {}).get("type") == "json_schema":
+            return error_reply(400, "response_format json_schema is not supported", param="response_format")
+        if request_kind(body) == "fuzz" and not calls["fuzz"]:
+            calls["fuzz"] += 1
+            return Reply(content='{"1": "yes"}')
+        return Scripted()(body, n)
+
+    with OpenAIStub(no_schema) as stub:
+        fuzzed = autointerp(store, settings(stub, "m", answer_attempts=1), features="0:1,1:2", evidence=EVIDENCE,
+                            progress=False, api_key="k", scorers="fuzzing", control=False)
+        formats = {(b.get("response_format") or {}).get("type") for b in stub.bodies()}
+    assert formats == {"json_schema", "json_object"}
+    rows = store.sql("SELECT status, error FROM scorer_scores WHERE run_id = ?", params=[fuzzed.run_id]).fetchall()
+    assert len(rows) == 4 and Counter(s for s, _ in rows) == {"ok": 3, "error": 1}
+    assert {e for s, e in rows if s == "error"} == {"invalid answer after 1 tries: answer for excerpt 1 is 'yes', "
+                                                    "not true or false"}
+    assert fuzzed.counts == {"ok": 2}
     with pytest.raises(fs.UserError, match="embeddings model"):
         autointerp(store, JudgeSettings(), scorers=["embedding"], api_key="k")
     with pytest.raises(fs.UserError, match="unknown scorer"):

@@ -231,7 +231,7 @@ def autointerp(store, judge: JudgeSettings | None = None, *, n_per_layer: int = 
                     failed_scores(job, False)
                 return
             key = (job.layer, job.feature)
-            kept[key] = job
+            kept[key] = AutointerpJob(job.layer, job.feature, None, job.sets, job.fuzz)  # compact: no explainer evidence
             if key not in described:
                 row = await explain(runs["explain"], job)
                 writer.add("explanations", row)
