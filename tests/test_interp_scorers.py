@@ -359,6 +359,10 @@ def test_dry_run_shows_every_scorer(store):
     text = plan.text()
     assert text.count("===== fuzz (top) L") == 2 and text.count("===== embed (top) L") == 2
     assert "<<<" in text.split("===== fuzz (top)")[1]
+    assert not (store.path / "interp").exists()
+    for view in ("scorer_scores", "scorer_examples"):  # typed and empty before any run
+        assert store.sql(f"SELECT count(*) FROM {view}").fetchall() == [(0,)]
+    assert store.sql("SELECT typeof(marks) FROM scorer_examples").description[0][0] == "typeof(marks)"
 
 
 # ---- issue 16: the judges' files load with a reader written from the original's file layout
