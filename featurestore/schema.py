@@ -104,7 +104,8 @@ def empty_table(schema: pa.Schema) -> pa.Table:
 
 # ---- interp: LLM-judge results, one directory per table and run (interp/<table>/run=<run_id>/part-*.parquet).
 # Files are written atomically as results complete; a row is never rewritten (a resumed run appends).
-INTERP_TABLES = ("runs", "classifications", "explanations", "detection_scores", "detection_examples", "requests")
+INTERP_TABLES = ("runs", "classifications", "explanations", "detection_scores", "detection_examples", "requests",
+                 "scorer_scores", "scorer_examples")
 
 
 def _interp_common() -> list[pa.Field]:
@@ -198,6 +199,48 @@ INTERP_DETECTION_EXAMPLES = pa.schema(_interp_common() + [
     pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
 ])
 
+# Scorers beyond detection (fuzzing, embedding): one row per feature, scorer, condition and control; the
+# answering model is judge_model/base_url_host of the row (the scorer's or the embeddings model, not the explainer).
+INTERP_SCORER_SCORES = pa.schema(_interp_common() + [
+    pa.field("scorer", pa.string(), nullable=False),  # fuzzing | embedding
+    pa.field("condition", pa.string(), nullable=False),  # top | lower
+    pa.field("control", pa.bool_(), nullable=False),
+    pa.field("description_layer", pa.int32()),
+    pa.field("description_feature", pa.int32()),
+    pa.field("n_positives", pa.int32()),  # fuzzing: correctly marked excerpts; embedding: activating windows
+    pa.field("n_negatives", pa.int32()),  # fuzzing: wrongly marked excerpts; embedding: verified all-zero windows
+    pa.field("tp", pa.int32()),
+    pa.field("fp", pa.int32()),
+    pa.field("tn", pa.int32()),
+    pa.field("fn", pa.int32()),
+    pa.field("accuracy", pa.float64()),
+    pa.field("balanced_accuracy", pa.float64()),
+    pa.field("precision", pa.float64()),
+    pa.field("recall", pa.float64()),
+    pa.field("f1", pa.float64()),
+    pa.field("auroc", pa.float64()),  # embedding only
+    pa.field("score", pa.float64()),  # the headline: balanced accuracy (fuzzing) or AUROC (embedding)
+    pa.field("ci_low", pa.float64()),  # 95% stratified bootstrap interval of score over this feature's items
+    pa.field("ci_high", pa.float64()),
+] + _interp_outcome())
+
+INTERP_SCORER_EXAMPLES = pa.schema(_interp_common() + [
+    pa.field("scorer", pa.string(), nullable=False),
+    pa.field("condition", pa.string(), nullable=False),
+    pa.field("control", pa.bool_(), nullable=False),
+    pa.field("item", pa.int16(), nullable=False),  # the excerpt number shown (fuzzing) or the input index (embedding)
+    pa.field("seq_id", pa.int32(), nullable=False),
+    pa.field("pos", pa.int32(), nullable=False),
+    pa.field("window_start", pa.int32(), nullable=False),
+    pa.field("window_end", pa.int32(), nullable=False),
+    pa.field("label", pa.bool_(), nullable=False),  # fuzzing: the marking is correct; embedding: an activating window
+    pa.field("marks", pa.list_(pa.int32())),  # fuzzing: the marked positions
+    pa.field("act", pa.float32(), nullable=False),
+    pa.field("prediction", pa.bool_()),  # fuzzing: the judge called the marking correct; null when it failed
+    pa.field("similarity", pa.float64()),  # embedding: cosine similarity to the description
+    pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+
 INTERP_REQUESTS = pa.schema([  # every HTTP request of every judge call, for audit and re-scoring
     pa.field("run_id", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),
@@ -223,6 +266,8 @@ INTERP_SCHEMAS = {
     "detection_scores": INTERP_DETECTION_SCORES,
     "detection_examples": INTERP_DETECTION_EXAMPLES,
     "requests": INTERP_REQUESTS,
+    "scorer_scores": INTERP_SCORER_SCORES,
+    "scorer_examples": INTERP_SCORER_EXAMPLES,
 }
 
 

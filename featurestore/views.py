@@ -124,6 +124,8 @@ INTERP_VIEWS: dict[str, tuple[str, pa.Schema, tuple[str, ...] | None]] = {  # vi
     "explanations": ("explanations", schema.INTERP_EXPLANATIONS, ()),
     "detection_scores": ("detection_scores", schema.INTERP_DETECTION_SCORES, ("condition", "control")),
     "detection_examples": ("detection_examples", schema.INTERP_DETECTION_EXAMPLES, ("condition", "control", "item")),
+    "scorer_scores": ("scorer_scores", schema.INTERP_SCORER_SCORES, ("scorer", "condition", "control")),
+    "scorer_examples": ("scorer_examples", schema.INTERP_SCORER_EXAMPLES, ("scorer", "condition", "control", "item")),
 }
 
 
@@ -155,6 +157,8 @@ INTERP_RUNS_SELECT = """SELECT run_id, arg_min(kind, started_at) AS kind, arg_mi
 def _interp_type(t: pa.DataType) -> str:
     if pa.types.is_timestamp(t):
         return "TIMESTAMPTZ"
+    if pa.types.is_list(t) and pa.types.is_integer(t.value_type):
+        return "INTEGER[]"
     if pa.types.is_list(t):
         return "STRUCT(seq_id INTEGER, pos INTEGER, act FLOAT)[]"
     return _duck_type(t)

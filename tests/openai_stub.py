@@ -2,7 +2,8 @@
 
 Behaviour is scripted by a responder ``(body, n) -> Reply`` where ``body`` is the parsed request and ``n``
 the 0-based index of the request. Every request is recorded (``stub.requests``) so tests can count what
-a run actually paid for. ``AutoJudge`` answers the three featurestore judge schemas validly.
+a run actually paid for. ``AutoJudge`` answers the featurestore judge schemas validly; ``Embedder`` answers
+``/embeddings`` requests (``embedder`` argument) with vectors from a function of each input text.
 
 Run by hand: ``python tests/openai_stub.py --port 8011 --latency 0.2`` (answers like ``AutoJudge``).
 """
@@ -77,6 +78,10 @@ def request_kind(body: dict) -> str:
         return "classify"
     if "feature_explanation" == schema_name(body) or "Describe feature" in text:
         return "explain"
+    if "feature_fuzzing" == schema_name(body) or "marking is right" in text:
+        return "fuzz"
+    if "input" in body and "messages" not in body:
+        return "embed"
     return "detect"
 
 
@@ -103,14 +108,35 @@ class AutoJudge:
     def detect(self, body: dict, n_items: int) -> list[bool]:
         return [i % 2 == 0 for i in range(n_items)]
 
+    def fuzz(self, body: dict, n_items: int) -> list[bool]:
+        return [i % 2 == 1 for i in range(n_items)]
+
     def __call__(self, body: dict, n: int) -> Reply:
         kind = request_kind(body)
-        if kind == "detect":
+        if kind in ("detect", "fuzz"):
             k = detection_items(body)
-            answer = {str(i + 1): bool(v) for i, v in enumerate(self.detect(body, k))}
+            answer = {str(i + 1): bool(v) for i, v in enumerate(getattr(self, kind)(body, k))}
         else:
             answer = getattr(self, kind)(body)
         return Reply(content=json.dumps(answer), delay_s=self.delay_s)
+
+
+def embedding_body(vectors: list[list[float]], model: str) -> dict:
+    return {"object": "list", "model": model, "usage": {"prompt_tokens": 10 * len(vectors), "total_tokens": 10 * len(vectors)},
+            "data": [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]}
+
+
+class Embedder:
+    """``/embeddings``: ``vector(text)`` per input (default: letter counts of a-h, so similar texts are close)."""
+
+    def __init__(self, vector: Callable[[str], list[float]] | None = None, delay_s: float = 0.0):
+        self.vector = vector or (lambda text: [float(text.lower().count(c)) + 0.5 for c in "abcdefgh"])
+        self.delay_s = delay_s
+
+    def __call__(self, body: dict, n: int) -> Reply:
+        inputs = body.get("input")
+        inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
+        return Reply(body=embedding_body([self.vector(t) for t in inputs], body.get("model", "stub")), delay_s=self.delay_s)
 
 
 class _Server(ThreadingHTTPServer):
@@ -135,7 +161,9 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = {}
         n = stub.record(self.path, body, {k.lower(): v for k, v in self.headers.items()})
-        if not self.path.rstrip("/").endswith("/chat/completions"):
+        if self.path.rstrip("/").endswith("/embeddings"):
+            reply = stub.embedder(body, n)
+        elif not self.path.rstrip("/").endswith("/chat/completions"):
             reply = error_reply(404, f"no route {self.path}")
         else:
             reply = stub.responder(body, n)
@@ -168,8 +196,10 @@ class _Handler(BaseHTTPRequestHandler):
 class OpenAIStub:
     """``with OpenAIStub(responder) as stub: stub.base_url`` → ``http://127.0.0.1:<port>/v1``."""
 
-    def __init__(self, responder: Callable[[dict, int], Reply] | None = None):
+    def __init__(self, responder: Callable[[dict, int], Reply] | None = None,
+                 embedder: Callable[[dict, int], Reply] | None = None):
         self.responder = responder or AutoJudge()
+        self.embedder = embedder or Embedder()
         self.requests: list[dict] = []  # {"path", "body", "headers", "at"}
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", 0), _Handler)
@@ -185,9 +215,11 @@ class OpenAIStub:
             self.requests.append({"path": path, "body": body, "headers": headers, "at": time.monotonic()})
             return len(self.requests) - 1
 
-    def bodies(self) -> list[dict]:
+    def bodies(self, kind: str | None = None) -> list[dict]:
+        """Request bodies (``kind``: only ``chat`` or only ``embeddings`` requests)."""
         with self._lock:
-            return [r["body"] for r in self.requests]
+            return [r["body"] for r in self.requests
+                    if kind is None or r["path"].rstrip("/").endswith("/" + ("chat/completions" if kind == "chat" else kind))]
 
     def start(self) -> "OpenAIStub":
         self._thread.start()

@@ -342,7 +342,7 @@ def test_exports_keep_the_original_schemas(store, tmp_path):
     first = doc["features"][0]
     assert set(first) == {"layer", "feature", "cantor_id", "category", "confidence", "mechanism", "domain_type",
                           "category_description", "mechanism_description", "input_pattern", "output_pattern",
-                          "llm_reasoning", "n_examples", "activation_freq", "top_logits"}
+                          "llm_reasoning", "n_examples", "activation_freq", "top_logits", "n_examples_shown"}
     assert first["cantor_id"] == fs.cantor(first["layer"], first["feature"]) and len(first["top_logits"]) == 10
 
     doc = json.loads(export_autointerp(store, tmp_path / "autointerp.json").read_text())

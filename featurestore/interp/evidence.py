@@ -272,8 +272,9 @@ class EvidenceBuilder:
         """
         s = self.settings
         span = s.before + s.after
-        pools = self.top_rows(layer, features, s.top_pool)
-        quantiles = self.quantile_rows(layer, features, 6)
+        pools = self.top_rows(layer, features, max(s.top_pool, 2 * (s.n_test_top + s.n_top)))  # room for larger test sets
+        per_quantile = max(6, -(-2 * (s.n_test_lower + s.n_lower) // max(1, s.n_quantiles - 1)))
+        quantiles = self.quantile_rows(layer, features, per_quantile)
         out = {}
         for f in features:
             pool = pools[f]

@@ -98,3 +98,89 @@ def format_summary(lines: list[dict]) -> str:
                 cells.append(f"{s['mean']:.3f} [{s['ci_low']:.3f},{s['ci_high']:.3f}]".ljust(22))
         text.append(f"{name:<16}{line['n_features']:>5}  " + "  ".join(cells))
     return "\n".join(text)
+
+
+# ---- per-feature intervals and the other scorers' metrics
+
+def auroc(labels: list[bool], scores: list[float]) -> float | None:
+    """Probability that a random positive scores above a random negative (ties count one half); None without both."""
+    pos = [s for l, s in zip(labels, scores) if l]
+    neg = [s for l, s in zip(labels, scores) if not l]
+    if not pos or not neg:
+        return None
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def _stratified(labels: list[bool], n_resamples: int, seed: int):
+    """Index resamples that keep the number of positives and negatives (the design of the test set)."""
+    rng = np.random.default_rng(seed)
+    pos = np.flatnonzero(np.asarray(labels, dtype=bool))
+    neg = np.flatnonzero(~np.asarray(labels, dtype=bool))
+    return pos[rng.integers(0, pos.size, size=(n_resamples, pos.size))], neg[rng.integers(0, neg.size, size=(n_resamples, neg.size))]
+
+
+def auroc_interval(labels: list[bool], scores: list[float], n_resamples: int = 2000, confidence: float = 0.95,
+                   seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile interval of AUROC under a stratified bootstrap of the items."""
+    labels = [bool(l) for l in labels]
+    if not any(labels) or all(labels):
+        return None, None
+    values = np.asarray(scores, dtype=float)
+    pos_idx, neg_idx = _stratified(labels, n_resamples, seed)
+    p, n = values[pos_idx][:, :, None], values[neg_idx][:, None, :]
+    aucs = ((p > n) + 0.5 * (p == n)).mean(axis=(1, 2))
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(aucs, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+def balanced_accuracy_interval(tp: int, fn: int, tn: int, fp: int, n_resamples: int = 2000, confidence: float = 0.95,
+                               seed: int = 0) -> tuple[float | None, float | None]:
+    """Percentile interval of balanced accuracy under a stratified bootstrap of the items (positives and
+    negatives resampled separately, so the counts of each stay as designed). Needs both classes."""
+    positives, negatives = tp + fn, tn + fp
+    if not positives or not negatives:
+        return None, None
+    rng = np.random.default_rng(seed)
+    tpr = rng.binomial(positives, tp / positives, n_resamples) / positives
+    tnr = rng.binomial(negatives, tn / negatives, n_resamples) / negatives
+    tail = (1 - confidence) / 2
+    low, high = np.quantile((tpr + tnr) / 2, [tail, 1 - tail])
+    return float(low), float(high)
+
+
+SCORER_METRICS = {"detection": METRICS, "fuzzing": METRICS, "embedding": ("auroc",)}
+
+
+def summarize_scorers(rows: list[dict], seed: int = 0) -> list[dict]:
+    """Like ``summarize`` for rows that carry a ``scorer`` (detection rows may omit it): one line per
+    (scorer, condition, control) with the mean and bootstrap CI over features of each of the scorer's metrics."""
+    groups: dict[tuple[str, str, bool], list[dict]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            groups.setdefault((row.get("scorer") or "detection", row["condition"], bool(row["control"])), []).append(row)
+    order = {name: i for i, name in enumerate(SCORER_METRICS)}
+    out = []
+    for (scorer, condition, control), members in sorted(groups.items(),
+                                                         key=lambda kv: (order.get(kv[0][0], 9), kv[0][2], kv[0][1])):
+        line = {"scorer": scorer, "condition": condition, "control": control, "n_features": len(members)}
+        for metric in SCORER_METRICS.get(scorer, METRICS):
+            line[metric] = bootstrap_mean([m[metric] for m in members], seed=seed)
+        out.append(line)
+    return out
+
+
+def format_scorer_summary(lines: list[dict]) -> str:
+    """Mean [95% CI] over features of each scorer's headline (balanced accuracy, or AUROC for embedding)."""
+    if not lines:
+        return "no scored features"
+    text = [f"{'scorer':<11}{'condition':<16}{'n':>5}  headline metric, mean [95% CI over features]"]
+    for line in lines:
+        metric = "auroc" if line["scorer"] == "embedding" else "balanced_accuracy"
+        s = line[metric]
+        value = "-" if s["mean"] is None else (f"{s['mean']:.3f}" if s["ci_low"] is None else
+                                               f"{s['mean']:.3f} [{s['ci_low']:.3f},{s['ci_high']:.3f}]")
+        name = ("control " if line["control"] else "") + line["condition"]
+        text.append(f"{line['scorer']:<11}{name:<16}{line['n_features']:>5}  {metric} {value}")
+    return "\n".join(text)

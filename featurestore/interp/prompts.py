@@ -184,3 +184,42 @@ def detect_messages(description: str, texts: list[str]) -> list[dict]:
         lines.append(f'Excerpt {i + 1}:\n"""{text}"""')
     lines += ["", JSON_DETECT.format(n=len(texts))]
     return [{"role": "system", "content": DETECT_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]
+
+
+# ---- fuzzing: is the marking of each excerpt right for the description?
+
+FUZZ_SYSTEM = CONTEXT + f"""
+
+You test a description of one feature. In each numbered excerpt some tokens are marked {MARK_OPEN}like this{MARK_CLOSE}.
+Decide from the description alone whether the marked tokens are the ones where a feature with this description
+would be active: true when the marking fits the description, false when the marked tokens are not where such a
+feature would fire. Judge every excerpt on its own: any number of markings may be right, from none to all."""
+
+JSON_FUZZ = ('Respond with a JSON object mapping every excerpt number, "1" to "{n}", to true (the marking is right '
+             "for the description) or false.")
+FUZZ_VERSION = _version(FUZZ_SYSTEM, JSON_FUZZ, detection_schema(2))
+
+
+def fuzz_text(tokens: list[str], marked: list[int]) -> str:
+    """The window's tokens joined, each run of consecutive marked tokens wrapped once in the marks."""
+    out, inside, chosen = [], False, set(marked)
+    for i, token in enumerate(tokens):
+        if i in chosen and not inside:
+            out.append(MARK_OPEN)
+            inside = True
+        elif i not in chosen and inside:
+            out.append(MARK_CLOSE)
+            inside = False
+        out.append(token)
+    if inside:
+        out.append(MARK_CLOSE)
+    return "".join(out)
+
+
+def fuzz_messages(description: str, texts: list[str]) -> list[dict]:
+    """``texts``: the excerpts in the order shown, each rendered by ``fuzz_text``."""
+    lines = [f"Description of the feature: {description}", ""]
+    for i, text in enumerate(texts):
+        lines.append(f'Excerpt {i + 1}:\n"""{text}"""')
+    lines += ["", JSON_FUZZ.format(n=len(texts))]
+    return [{"role": "system", "content": FUZZ_SYSTEM}, {"role": "user", "content": "\n".join(lines)}]

@@ -22,7 +22,8 @@ from ..schema import INTERP_SCHEMAS, interp_dir
 from ..storage import write_parquet_atomic
 from .client import Attempt
 
-WRITE_ORDER = ("runs", "requests", "detection_examples", "explanations", "detection_scores", "classifications")
+WRITE_ORDER = ("runs", "requests", "detection_examples", "scorer_examples", "explanations", "detection_scores",
+               "scorer_scores", "classifications")
 _COMPRESSOR = zstandard.ZstdCompressor(level=3)
 
 
