@@ -129,7 +129,7 @@ def hybrid_from(reasoning: Qwen2ForCausalLM, base: Qwen2ForCausalLM, config: Qwe
             enc = torch.randn_like(adapter.transcoder_enc.weight) / math.sqrt(config.hidden_size)
             adapter.transcoder_enc.weight.copy_(enc)
             adapter.transcoder_enc.bias.fill_(-0.1)
-            adapter.transcoder_dec.weight.copy_(F.normalize(enc.T, dim=0) * 0.05)
+            adapter.transcoder_dec.weight.copy_(F.normalize(enc.T, dim=0))
     return hybrid
 
 
@@ -168,7 +168,7 @@ def train_adapters(hybrid, reasoning, tokens: torch.Tensor, cfg: TrainConfig, ge
     opt = torch.optim.AdamW(params, lr=cfg.adapter_lr, betas=(0.9, 0.98), weight_decay=0.0)
     io, handles = _capture_mlp_io(reasoning)
     acts = _collect_features(hybrid)
-    l1_weight, last = 3e-3, {}
+    l1_weight, last = 1e-3, {}
     silent = [torch.ones(cfg.n_features, dtype=torch.bool) for _ in acts]
     hybrid.train()
     try:
@@ -187,8 +187,8 @@ def train_adapters(hybrid, reasoning, tokens: torch.Tensor, cfg: TrainConfig, ge
                         diff = y - Qwen2MLP.forward(adapter, x)
                     delta = adapter.transcoder_dec(adapter.encode(x))
                     nmse = nmse + ((delta - diff) ** 2).sum() / (diff ** 2).sum().clamp_min(1e-8)
-                    l1 = l1 + (a * adapter.transcoder_dec.weight.norm(dim=0)).sum(-1).mean()
-                    l0 += (a > 0).sum(-1).float().mean().item()
+                    l1 = l1 + a.sum(-1).mean()  # decoder columns are kept at unit norm, so this is the L1 of acts
+                    l0 += (a.detach() > 0).sum(-1).float().mean().item()
                 n_layers = len(acts)
                 nmse, l0 = nmse / n_layers, l0 / n_layers
                 loss = kl + cfg.nmse_weight * nmse + l1_weight * l1 / n_layers
@@ -196,8 +196,12 @@ def train_adapters(hybrid, reasoning, tokens: torch.Tensor, cfg: TrainConfig, ge
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
                 opt.step()
+                with torch.no_grad():
+                    for adapter in hybrid.adapters():
+                        adapter.transcoder_dec.weight.copy_(F.normalize(adapter.transcoder_dec.weight, dim=0))
                 # steer the L1 weight towards the target L0: up while too dense, down while too sparse
-                l1_weight *= math.exp(0.15 * math.tanh(math.log(max(l0, 1e-3) / cfg.target_l0)))
+                l1_weight *= math.exp(0.1 * math.tanh(math.log(max(l0, 1e-3) / cfg.target_l0)))
+                l1_weight = min(max(l1_weight, 1e-5), 1.0)
                 for layer, a in enumerate(acts):
                     silent[layer] &= ~(a.detach() > 0).flatten(0, -2).any(0)
                 if (step + 1) % cfg.resample_every == 0:
@@ -205,7 +209,7 @@ def train_adapters(hybrid, reasoning, tokens: torch.Tensor, cfg: TrainConfig, ge
                         for adapter, (x, _), dead in zip(hybrid.adapters(), io, silent):
                             _resample(adapter, x.flatten(0, -2), dead, gen)
                     silent = [torch.ones(cfg.n_features, dtype=torch.bool) for _ in acts]
-                last = dict(kl=kl.item(), nmse=float(nmse), l0=l0, l1_weight=l1_weight)
+                last = dict(kl=kl.item(), nmse=float(nmse.detach()), l0=l0, l1_weight=l1_weight)
                 bar.set_postfix(kl=f"{last['kl']:.3f}", nmse=f"{last['nmse']:.2f}", L0=f"{l0:.1f}")
                 bar.update()
     finally:
@@ -225,11 +229,12 @@ def _resample(adapter, x: torch.Tensor, dead: torch.Tensor, gen: torch.Generator
     rows = dead.nonzero().squeeze(1)
     centred = x - x.mean(0)
     picks = torch.randint(0, len(x), (n,), generator=gen)
-    enc = F.normalize(centred[picks], dim=-1) * adapter.transcoder_enc.weight.norm(dim=-1).mean()
+    # a small encoder norm: the new feature starts with small acts and must earn its weight
+    enc = 0.2 * F.normalize(centred[picks], dim=-1) * adapter.transcoder_enc.weight.norm(dim=-1).mean()
     pre = x @ enc.T  # (N, n)
     adapter.transcoder_enc.weight[rows] = enc
     adapter.transcoder_enc.bias[rows] = -torch.quantile(pre, 0.99, dim=0)
-    adapter.transcoder_dec.weight[:, rows] = 0.01 * F.normalize(torch.randn(x.shape[1], n, generator=gen), dim=0)
+    adapter.transcoder_dec.weight[:, rows] = F.normalize(torch.randn(x.shape[1], n, generator=gen), dim=0)
 
 
 @torch.no_grad()
