@@ -31,6 +31,9 @@ DEMO_QUERIES = [
 ]
 
 
+PROMPTS_DIR = Path(__file__).with_name("prompts")
+
+
 def _echo(text: str = "") -> None:
     click.echo(text)
 
@@ -69,7 +72,7 @@ def _attribute(checkpoint: Path, store_dir: Path, out: Path) -> Path:
     from attribution.runner import attribute_prompts
 
     graphs = out / "graphs"
-    prompts = Path(__file__).with_name("prompts")
+    prompts = PROMPTS_DIR
     _echo(f"\n-- Attribution graphs for {prompts.name}/*.txt (RelP, pruned as circuit-tracer does)")
     outcomes = attribute_prompts(str(checkpoint), prompts, graphs, "demo", store=store_dir, log=_echo, progress=False)
     failed = [o for o in outcomes if o.status == "failed"]

@@ -127,8 +127,8 @@ def hybrid_from(reasoning: Qwen2ForCausalLM, base: Qwen2ForCausalLM, config: Qwe
     with torch.no_grad():
         for adapter in hybrid.adapters():
             enc = torch.randn_like(adapter.transcoder_enc.weight) / math.sqrt(config.hidden_size)
-            adapter.transcoder_enc.weight.copy_(enc)
-            adapter.transcoder_enc.bias.fill_(-0.1)
+            adapter.transcoder_enc.weight.copy_(0.05 * enc)  # small acts at first: the adapter starts near zero
+            adapter.transcoder_enc.bias.fill_(-0.02)
             adapter.transcoder_dec.weight.copy_(F.normalize(enc.T, dim=0))
     return hybrid
 
