@@ -26,7 +26,7 @@ DEMO_QUERIES = [
      """SELECT layer, feature, list(token ORDER BY rank) FILTER (WHERE rank < 5) AS top_logits
         FROM logit_lens WHERE side = 'top'
         GROUP BY layer, feature
-        HAVING bool_or(rank < 3 AND trim(token) IN ('Wait', 'Hmm', 'Actually', 'Hold', 'Let', 'So'))
+        HAVING bool_or(rank < 3 AND trim(token) IN ('Wait', 'Hmm', 'Actually', 'Hold'))
         ORDER BY layer, feature LIMIT 8"""),
 ]
 
