@@ -127,11 +127,17 @@ def info(store, as_json):
 @click.command()
 @click.option("--out", type=click.Path(file_okay=False), default="demo-output", show_default=True,
               help="Directory for the demo checkpoint, store and exports.")
-def demo(out):
-    """Everything offline on the embedded demo model: build, collect, query (and more as it grows)."""
+@click.option("--rebuild", is_flag=True, help="Retrain the demo models even if a cached build exists.")
+def demo(out, rebuild):
+    """Everything offline on a miniature of the paper: train (cached), collect, query, attribute, serve line.
+
+    The first run trains, on CPU and on the bundled traces, a small base Qwen2 (prompts and answers only), its
+    reasoning fine-tune (whole traces, thinking included) and transcoder adapters between them (KL to the
+    reasoning model + NMSE + L1), and caches the result; later runs reuse it unless --rebuild is given.
+    """
     from featurestore.demo.pipeline import run_demo
 
-    run_demo(out)
+    run_demo(out, rebuild=rebuild)
 
 
 @click.command()

@@ -1,19 +1,17 @@
-"""The embedded demo assets: bundled traces, the trained tokenizer, and the generated adapter model."""
+"""The embedded demo assets: bundled traces, the trained tokenizer, and the checkpoint build's caching."""
 from __future__ import annotations
 
 import collections
 import json
 
 import pytest
-import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from featurestore.demo import TRACES_PATH, build_demo_checkpoint, build_model, build_tokenizer
+from featurestore.demo import TRACES_PATH, build_demo_checkpoint, build_tokenizer
 from featurestore.demo import checkpoint as demo_checkpoint
 from featurestore.demo.make_traces import build_rows, render
 from featurestore.demo.tokenizer import ASSISTANT, BOS, EOS, THINK_END, THINK_START, USER
 from featurestore.errors import UserError
-from featurestore.modeling import Qwen2ForCausalLMWithTranscoder, load_model
 
 MARKERS = [BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END]
 
@@ -24,13 +22,16 @@ def rows():
 
 
 @pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    return build_demo_checkpoint(tmp_path_factory.mktemp("demo") / "checkpoint")
+def tokenizer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-tokenizer")
+    build_tokenizer(out)
+    return AutoTokenizer.from_pretrained(str(out))
 
 
-@pytest.fixture(scope="module")
-def tokenizer(demo_dir):
-    return AutoTokenizer.from_pretrained(str(demo_dir))
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Fake builds must never reach the real build cache."""
+    monkeypatch.setenv("FEATURESTORE_DEMO_CACHE", str(tmp_path / "cache"))
 
 
 def deepseek_text(row) -> str:
@@ -106,75 +107,40 @@ def test_tokenizer_training_is_deterministic():
     assert build_tokenizer().backend_tokenizer.to_str() == build_tokenizer().backend_tokenizer.to_str()
 
 
-def test_model_build_is_deterministic_and_leaves_global_rng_alone(demo_dir, tmp_path):
-    state = torch.random.get_rng_state()
-    again = build_model(tmp_path / "again")
-    assert torch.equal(torch.random.get_rng_state(), state)
-    for name in ("model.safetensors", "tokenizer.json", "config.json"):
-        assert (again / name).read_bytes() == (demo_dir / name).read_bytes(), name
-
-
-def test_checkpoint_loads_through_the_strict_loader(demo_dir, tokenizer):
-    config = json.loads((demo_dir / "config.json").read_text())
-    assert config["architectures"] == ["Qwen2ForCausalLMWithTranscoder"]
-    assert config["transcoder_dec_bias"] is False
-    net, info = load_model(str(demo_dir), device="cpu")
-    assert isinstance(net, Qwen2ForCausalLMWithTranscoder)
-    assert (info.n_layers, info.n_features, info.vocab_size) == (4, config["transcoder_n_features"], len(tokenizer))
-    assert 512 <= info.n_features <= 1024 and 64 <= info.d_model <= 128
-    enc_bias = net.model.layers[0].mlp.transcoder_enc.bias
-    assert (enc_bias < 0).all()  # sparsity comes from negative thresholds, not from a trained-in accident
-
-
-def test_adapter_is_sparse_and_has_token_features(demo_dir, tokenizer, rows):
-    net, info = load_model(str(demo_dir), device="cpu", dtype="float32")
-    batch = [tokenizer.encode(deepseek_text(row), add_special_tokens=True) for row in rows[200:250]]
-    width = max(map(len, batch))
-    ids = torch.tensor([seq + [tokenizer.pad_token_id] * (width - len(seq)) for seq in batch])
-    mask = torch.tensor([[1] * len(seq) + [0] * (width - len(seq)) for seq in batch])
-    captured = {}
-    for adapter in net.adapters():
-        adapter.feature_hook = lambda layer, acts: captured.__setitem__(layer, acts[mask.bool()])
-    with torch.no_grad():
-        net(input_ids=ids, attention_mask=mask)
-    n_tokens = int(mask.sum())
-    density = torch.tensor([(captured[layer] > 0).sum().item() / n_tokens for layer in range(info.n_layers)])
-    assert ((density >= 2) & (density <= 20)).all(), density.tolist()
-    # many features are token features: nearly all of their firings are on one token id
-    positions, features = (captured[0] > 0).nonzero(as_tuple=True)
-    fired_on = collections.defaultdict(collections.Counter)
-    for token, feature in zip(ids[mask.bool()][positions].tolist(), features.tolist()):
-        fired_on[feature][token] += 1
-    token_like = sum(1 for counts in fired_on.values()
-                     if sum(counts.values()) >= 5 and max(counts.values()) >= 0.9 * sum(counts.values()))
-    assert token_like >= 100
-    assert len(fired_on) < info.n_features  # and some features never fire here, as in a real dictionary
-
-
-def test_complete_build_is_reused(demo_dir, monkeypatch):
-    def must_not_build(*args, **kwargs):
-        raise AssertionError("rebuilt a complete checkpoint")
-
-    monkeypatch.setattr(demo_checkpoint, "build_model", must_not_build)
-    assert build_demo_checkpoint(demo_dir) == demo_dir
-
-
-def _fake_build(out_dir, seed=0):
+def _fake_build(out_dir, config=None, progress=True):
     out_dir.mkdir(parents=True)
     for name in demo_checkpoint.REQUIRED_FILES:
         (out_dir / name).write_text("fake")
-    return out_dir
+    return {}
+
+
+def test_complete_build_is_reused_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_checkpoint, "train_demo", _fake_build)
+    first = build_demo_checkpoint(tmp_path / "first")
+    assert demo_checkpoint.is_complete(first)
+    assert demo_checkpoint.is_complete(tmp_path / "cache" / demo_checkpoint.TrainConfig().key())
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("retrained a cached build")
+
+    monkeypatch.setattr(demo_checkpoint, "train_demo", must_not_build)
+    assert build_demo_checkpoint(first) == first
+    second = build_demo_checkpoint(tmp_path / "second")  # a new directory is filled from the cache
+    assert (second / "config.json").read_text() == "fake"
+    with pytest.raises(AssertionError, match="retrained"):
+        build_demo_checkpoint(first, rebuild=True)
+    assert demo_checkpoint.is_complete(first)  # a failed rebuild leaves the old build in place
 
 
 def test_stale_build_is_replaced_and_foreign_dir_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_checkpoint, "build_model", _fake_build)
+    monkeypatch.setattr(demo_checkpoint, "train_demo", _fake_build)
     stale = tmp_path / "stale"
     stale.mkdir()
-    (stale / demo_checkpoint.MARKER).write_text(json.dumps({"version": "featurestore-demo/0"}))
+    (stale / demo_checkpoint.MARKER).write_text(json.dumps({"version": "featurestore-demo/1"}))
     (stale / "leftover.bin").write_text("x")
     assert build_demo_checkpoint(stale) == stale
     assert demo_checkpoint.is_complete(stale) and not (stale / "leftover.bin").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["stale"]  # no staging or retired directories left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "stale"]  # no staging or retired dirs left
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -185,11 +151,11 @@ def test_stale_build_is_replaced_and_foreign_dir_refused(tmp_path, monkeypatch):
 
 
 def test_interrupted_build_leaves_nothing_under_the_final_name(tmp_path, monkeypatch):
-    def crash(out_dir, seed=0):
+    def crash(out_dir, config=None, progress=True):
         _fake_build(out_dir)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(demo_checkpoint, "build_model", crash)
+    monkeypatch.setattr(demo_checkpoint, "train_demo", crash)
     with pytest.raises(KeyboardInterrupt):
         build_demo_checkpoint(tmp_path / "ckpt")
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

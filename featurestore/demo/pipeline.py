@@ -22,23 +22,37 @@ DEMO_QUERIES = [
      """SELECT a.layer, a.feature, round(a.act, 3) AS act, t.token, t.region, s.domain
         FROM activations a JOIN tokens t USING (seq_id, pos) JOIN sequences s USING (seq_id)
         ORDER BY a.act DESC LIMIT 5"""),
+    ("Features whose top logits (decoder direction through the unembedding) are reasoning words",
+     """SELECT layer, feature, list(token ORDER BY rank) FILTER (WHERE rank < 5) AS top_logits
+        FROM logit_lens WHERE side = 'top'
+        GROUP BY layer, feature
+        HAVING bool_or(rank < 3 AND trim(token) IN ('Wait', 'Hmm', 'Actually', 'Hold'))
+        ORDER BY layer, feature LIMIT 8"""),
 ]
+
+
+PROMPTS_DIR = Path(__file__).with_name("prompts")
 
 
 def _echo(text: str = "") -> None:
     click.echo(text)
 
 
-def run_demo(out: str | Path) -> None:
+def run_demo(out: str | Path, rebuild: bool = False) -> None:
     import featurestore as fs
-    from featurestore.demo import TRACES_PATH, build_demo_checkpoint
+    from featurestore.demo import TRACES_PATH, build_demo_checkpoint, training_metrics
+    from featurestore.demo.train import summary
     from featurestore.output import write_relation
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    print("building the embedded demo checkpoint (Qwen2 + transcoder adapters, deterministic weights)...", file=sys.stderr)
-    checkpoint = build_demo_checkpoint(out / "checkpoint")
+    print("demo checkpoint: base Qwen2 -> reasoning fine-tune -> transcoder adapters, trained on CPU once and "
+          "cached (--rebuild retrains)...", file=sys.stderr)
+    checkpoint = build_demo_checkpoint(out / "checkpoint", rebuild=rebuild)
+    _echo("\n-- What training reached (held-out traces)")
+    for line in summary(training_metrics(checkpoint)):
+        _echo("  " + line)
     store_dir = out / "store"
     store = fs.collect(str(checkpoint), str(TRACES_PATH), store_dir)
     _echo(f"\nstore: {store_dir}   (model {checkpoint}, data {TRACES_PATH.name})")
@@ -58,7 +72,7 @@ def _attribute(checkpoint: Path, store_dir: Path, out: Path) -> Path:
     from attribution.runner import attribute_prompts
 
     graphs = out / "graphs"
-    prompts = Path(__file__).with_name("prompts")
+    prompts = PROMPTS_DIR
     _echo(f"\n-- Attribution graphs for {prompts.name}/*.txt (RelP, pruned as circuit-tracer does)")
     outcomes = attribute_prompts(str(checkpoint), prompts, graphs, "demo", store=store_dir, log=_echo, progress=False)
     failed = [o for o in outcomes if o.status == "failed"]
