@@ -34,6 +34,8 @@ _DEFAULTS = CollectOptions()
 @click.option("--seed", type=int, default=_DEFAULTS.seed, show_default=True, help="Seed of the neuron sample.")
 @click.option("--chunk-size", type=int, default=_DEFAULTS.chunk_size, show_default=True, help="Rows per committed chunk (unit of resume).")
 @click.option("--tokenizer", default=None, help="Tokenizer path or id (default: the checkpoint's).")
+@click.option("--writer-threads", type=click.IntRange(1), default=_DEFAULTS.writer_threads, show_default=True,
+              help="Threads that sort and write activation files while the model runs (raise it if a fast GPU waits).")
 @click.option("--revision", default=None, help="Hub revision of the model.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS|auto]",
               help="Run on Ray actors: alone, a new local cluster; auto, the cluster `ray start` began on this node; "
@@ -41,7 +43,7 @@ _DEFAULTS = CollectOptions()
 @click.option("--num-workers", type=click.IntRange(1), default=None, help="With --ray: actors, each loading the model once [1].")
 @click.option("--gpus-per-worker", type=click.FloatRange(0), default=None, help="With --ray: GPUs per actor [0; use 1 on GPU nodes].")
 def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, device, batch_tokens, skip_incomplete, source,
-            neurons_per_layer, seed, chunk_size, tokenizer, revision, ray_address, num_workers, gpus_per_worker):
+            neurons_per_layer, seed, chunk_size, tokenizer, writer_threads, revision, ray_address, num_workers, gpus_per_worker):
     """Run MODEL over DATA and store every non-zero feature activation.
 
     Interrupt at any time: rerunning the same command resumes from the last committed chunk.
@@ -57,7 +59,7 @@ def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, dev
                         layers=parse_layers(layers), dtype=dtype, device=device, batch_tokens=batch_tokens,
                         skip_incomplete=skip_incomplete, source="neuron" if source.startswith("neuron") else source,
                         neurons_per_layer=neurons_per_layer, seed=seed, chunk_size=chunk_size, tokenizer=tokenizer,
-                        revision=revision)
+                        revision=revision, writer_threads=writer_threads)
     info = result.info()
     for name, s in info["sources"].items():
         click.echo(f"{name}: {s['activations']:,} activations, {s['live_features']:,} live features, {s['chunks']} chunks")

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .collect_options import CollectOptions, check_options, parse_layers  # noqa: F401 (re-exported)
-from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, sample_neurons
+from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, sample_neurons, stats_from_rows
 from .data import Dataset, adds_special_tokens, format_text, open_dataset
 from .errors import UserError
 from .logit_lens import logit_lens_table, neuron_directions, transcoder_directions
@@ -120,28 +120,51 @@ def chunk_file_name(chunk: int, part: int | None = None, attempt: str | None = N
 
 
 class ChunkWriter:
-    """Writes a chunk's files on a background thread and commits it; at most one chunk is in flight.
+    """Writes a chunk's files on background threads and commits it; at most one chunk's commit is in flight.
 
+    Activation parts (sort + Parquet, which release the GIL) run on ``threads`` workers, so a fast device is not
+    held back by one writer; the chunk's remaining tables and its commit run on one thread, in chunk order.
     ``commit`` (the manifest's) is called with the chunk's record once its files are written; without it
-    (a distributed worker) the record is only returned, and the driver commits it.
+    (a distributed worker) the record is only returned, and the driver commits it. ``wait_s`` is the time the
+    forward loop spent blocked on the writers.
     """
 
-    def __init__(self, root: Path, source: str, unit_ids: dict[int, np.ndarray], commit=None):
+    def __init__(self, root: Path, source: str, unit_ids: dict[int, np.ndarray], commit=None, threads: int = 1):
         self.root = root
         self.source = source
         self.unit_ids = unit_ids
         self.commit = commit
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestore-writer")
+        self.threads = max(1, int(threads))
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="featurestore-writer")
+        self.chunk_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestore-commit")
         self.pending: list[Future] = []
+        self.pending_chunks: list[Future] = []
+        self.wait_s = 0.0
 
     def _wait(self, keep: int) -> None:
+        started = time.perf_counter()
         while len(self.pending) > keep:
             self.pending.pop(0).result()
+        if keep == 0:
+            while self.pending_chunks:
+                self.pending_chunks.pop(0).result()
+        self.wait_s += time.perf_counter() - started
 
     def submit(self, fn, *args) -> Future:
-        self._wait(keep=1)
+        """Queue a part: the caller blocks while every worker is busy and one more part is already queued."""
+        self._wait(keep=self.threads)
         future = self.pool.submit(fn, *args)
         self.pending.append(future)
+        return future
+
+    def submit_chunk(self, fn, *args) -> Future:
+        """Queue a chunk's commit after waiting for the previous chunk's (memory stays one chunk deep)."""
+        started = time.perf_counter()
+        while self.pending_chunks:
+            self.pending_chunks.pop(0).result()
+        self.wait_s += time.perf_counter() - started
+        future = self.chunk_pool.submit(fn, *args)
+        self.pending_chunks.append(future)
         return future
 
     def close(self, wait: bool = True) -> None:
@@ -150,6 +173,12 @@ class ChunkWriter:
                 self._wait(keep=0)
         finally:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
+            self.chunk_pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    def write_part_with_stats(self, chunk: int, layer: int, part: int, rows, attempt: str | None, with_stats: bool):
+        """A part's file, plus its exact per-feature statistics when the source's come from its rows."""
+        stats = stats_from_rows(rows[0], rows[3], len(self.unit_ids[layer])) if with_stats else None
+        return layer, self.write_part(chunk, layer, part, rows, attempt), stats
 
     def clear_stale(self, chunk: int, with_tokens: bool) -> None:
         """Remove files an interrupted run left for this uncommitted chunk."""
@@ -184,7 +213,13 @@ class ChunkWriter:
 
     def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict) -> dict:
         files, attempt = record["files"], record.get("attempt")
-        files["activations"] = [f.result() for f in part_futures]
+        files["activations"] = []
+        for future in part_futures:
+            layer, rel, part_stats = future.result()
+            files["activations"].append(rel)
+            if part_stats is not None:
+                count, total, peak = stats[layer]
+                stats[layer] = (count + part_stats[0], total + part_stats[1], np.maximum(peak, part_stats[2]))
         files["feature_stats"] = [self.write_stats(record["chunk"], layer, s, attempt) for layer, s in sorted(stats.items())]
         for name, table in tables.items():
             rel = f"{name}/{chunk_file_name(record['chunk'], None, attempt)}"
@@ -335,7 +370,8 @@ class ChunkCollector:
         n_units = {layer: (net.config.transcoder_n_features if opts.source == "transcoder" else len(neurons[layer])) for layer in layers}
         unit_ids = {layer: (np.arange(n_units[layer]) if neurons is None else np.asarray(neurons[layer])) for layer in layers}
         self.capture = _make_capture(net, opts, layers, neurons)
-        self.writer = ChunkWriter(root, opts.source, unit_ids, commit)
+        self.writer = ChunkWriter(root, opts.source, unit_ids, commit, threads=opts.writer_threads)
+        self.capture.pinned = opts.pinned_transfers
         self.started, self.n_tokens = time.perf_counter(), 0
 
     def submit_chunk(self, chunk: int, rows, row_range: tuple[int, int], with_tokens: bool, attempt: str | None = None,
@@ -350,9 +386,8 @@ class ChunkCollector:
             rows = capture.acc[layer].take_rows()
             if rows is None:
                 return
-            if opts.source == "transcoder":
-                capture.acc[layer].add_stats_from_rows(rows[0], rows[3])
-            part_futures.append(writer.submit(writer.write_part, chunk, layer, parts[layer], rows, attempt))
+            part_futures.append(writer.submit(writer.write_part_with_stats, chunk, layer, parts[layer], rows, attempt,
+                                              opts.source == "transcoder"))
             parts[layer] += 1
 
         lengths = [len(x) for x in tok.ids]
@@ -375,7 +410,7 @@ class ChunkCollector:
         if attempt is not None:
             record["attempt"] = attempt
         tables = {"sequences": tok.sequences, "tokens": tok.tokens} if with_tokens else {}
-        return writer.submit(writer.write_chunk, record, part_futures, tables, stats)
+        return writer.submit_chunk(writer.write_chunk, record, part_futures, tables, stats)
 
     def close(self, ok: bool = True) -> None:
         """Remove the hooks and finish pending writes (errors of a failed run's writes are not raised again)."""
