@@ -252,16 +252,26 @@ def _prepare_store(store_dir: Path, info: dict, data: dict, settings: dict, opts
 
 def collect(model: str, data: str, store: str | Path, **options):
     """Collect activations of ``model`` over ``data`` into the store directory ``store``; returns the Store."""
-    from .store import Store
-
     opts = CollectOptions(**options)
     check_options(opts)
-    store_dir = store_path(store)
-    dataset = open_dataset(data)
     device = opts.device or default_device()
     net, ckpt = load_model(model, dtype=opts.dtype, device=device, revision=opts.revision,
                            require_adapter=opts.source == "transcoder")
     tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
+    return collect_loaded(net, ckpt, tokenizer, data, store, opts)
+
+
+def collect_loaded(net, ckpt, tokenizer, data: str, store: str | Path, opts: CollectOptions):
+    """The collection of :func:`collect` with the model already in memory (benchmarks build one on the device).
+
+    Returns the Store; the forward loop's timings (``ChunkCollector.timings``) are in ``store.collect_timings``.
+    """
+    from .store import Store
+
+    check_options(opts)
+    store_dir = store_path(store)
+    dataset = open_dataset(data)
+    device = opts.device or default_device()
     info, layers, source_settings, neurons = describe_model(ckpt, tokenizer, opts, device)
     data_info, settings = describe_data(data, dataset, opts)
 
@@ -269,11 +279,13 @@ def collect(model: str, data: str, store: str | Path, **options):
         manifest = _prepare_store(store_dir, info, data_info, settings, opts, source_settings)
         _write_static_tables(manifest, net, tokenizer, opts.source, layers, neurons)
         run = start_run(manifest, opts)
-        _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
+        timings = _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
         if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
             run["finished"] = now()
             manifest.save()
-    return Store(store_dir)
+    result = Store(store_dir)
+    result.collect_timings = timings
+    return result
 
 
 def describe_model(ckpt, tokenizer, opts: CollectOptions, device: str) -> tuple[dict, list[int], dict, dict | None]:
@@ -373,6 +385,14 @@ class ChunkCollector:
         self.writer = ChunkWriter(root, opts.source, unit_ids, commit, threads=opts.writer_threads)
         self.capture.pinned = opts.pinned_transfers
         self.started, self.n_tokens = time.perf_counter(), 0
+        self.forward_s = 0.0
+
+    @property
+    def timings(self) -> dict:
+        """Seconds the forward loop spent in forward passes (capture included), handing rows to the host, and
+        blocked on the writer threads; with ``n_tokens``, what a benchmark needs to see where time goes."""
+        return {"forward_s": self.forward_s, "transfer_s": self.capture.transfer_s, "writer_wait_s": self.writer.wait_s,
+                "n_tokens": self.n_tokens}
 
     def submit_chunk(self, chunk: int, rows, row_range: tuple[int, int], with_tokens: bool, attempt: str | None = None,
                      bar=None) -> Future:
@@ -392,7 +412,9 @@ class ChunkCollector:
 
         lengths = [len(x) for x in tok.ids]
         for batch in plan_batches(lengths, opts.batch_tokens):
+            started = time.perf_counter()
             run_batch(self.net, [tok.ids[i] for i in batch], [tok.seq_ids[i] for i in batch], self.pad_id, self.device, capture)
+            self.forward_s += time.perf_counter() - started
             for layer in self.layers:
                 if capture.acc[layer].n_rows >= opts.flush_rows:
                     flush(layer)
@@ -419,14 +441,14 @@ class ChunkCollector:
             self.writer.close(wait=True)
 
 
-def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: CollectOptions, layers, neurons, device) -> None:
+def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: CollectOptions, layers, neurons, device) -> dict:
     n_rows = _n_rows(dataset, opts)
     chunks = range(-(-n_rows // opts.chunk_size))
     done = manifest.committed(opts.source)
     todo = [c for c in chunks if c not in done]
     if not todo:
         print(f"store already holds all {len(done)} chunks of {opts.source} activations; nothing to do", file=sys.stderr)
-        return
+        return {}
     collector = ChunkCollector(manifest.root, net, tokenizer, opts, layers, neurons, device, commit=manifest.commit_chunk)
     todo_rows = sum(min(n_rows, (c + 1) * opts.chunk_size) - c * opts.chunk_size for c in todo)
     bar = tqdm(total=todo_rows, unit="seq", desc=f"collect {opts.source}", disable=not opts.progress, file=sys.stderr)
@@ -446,3 +468,4 @@ def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: 
     finally:
         bar.close()
         collector.close(ok)
+    return collector.timings
