@@ -50,7 +50,7 @@ def feature_probabilities() -> np.ndarray:
 def build_store(root: Path, n_activations: float) -> Path:
     """A store of about ``n_activations`` activations, written through the collection's own writer."""
     from featurestore import schema
-    from featurestore.capture import LayerAccumulator
+    from featurestore.capture import LayerAccumulator, stats_from_rows
     from featurestore.collect_options import CollectOptions
     from featurestore.collection import ChunkWriter
     from featurestore.manifest import Manifest, now
@@ -108,12 +108,12 @@ def build_store(root: Path, n_activations: float) -> Path:
             for part, start in enumerate(range(0, len(key), flush_rows)):
                 s = slice(start, start + flush_rows)
                 rows = (feature[s], tok_seq[token[s]], tok_pos[token[s]], act[s])
-                acc.add_stats_from_rows(rows[0], rows[3])
+                acc.add_stats(stats_from_rows(rows[0], rows[3], N_FEATURES))
                 parts.append(writer.submit(writer.write_part, chunk, layer, part, rows))
             stats[layer] = acc.take_stats()
         record = {"source": "transcoder", "chunk": chunk, "rows": [int(seq_ids[0]), int(seq_ids[-1]) + 1],
                   "n_sequences": len(seq_ids), "n_skipped": 0, "n_tokens": n_tok, "files": {}}
-        writer.submit(writer.write_chunk, record, parts, {"sequences": sequences, "tokens": tokens}, stats)
+        writer.submit_chunk(writer.write_chunk, record, parts, {"sequences": sequences, "tokens": tokens}, stats)
         made, seq_base, chunk = made + n_tok, seq_base + len(lengths), chunk + 1
         print(f"  chunk {chunk}: {made:,}/{n_tokens_total:,} tokens", file=sys.stderr)
     writer.close()

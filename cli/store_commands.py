@@ -41,6 +41,8 @@ _LISTED = 10  # graph slugs named by `info`
                    "window (random samples, intervals, quantiles and histogram come from them).")
 @click.option("--chunk-size", type=int, default=_DEFAULTS.chunk_size, show_default=True, help="Rows per committed chunk (unit of resume).")
 @click.option("--tokenizer", default=None, help="Tokenizer path or id (default: the checkpoint's).")
+@click.option("--writer-threads", type=click.IntRange(1), default=_DEFAULTS.writer_threads, show_default=True,
+              help="Threads that sort and write activation files while the model runs (raise it if a fast GPU waits).")
 @click.option("--revision", default=None, help="Hub revision of the model.")
 @click.option("--ray", "ray_address", is_flag=False, flag_value="local", default=None, metavar="[ADDRESS|auto]",
               help="Run on Ray actors: alone, a new local cluster; auto, the cluster `ray start` began on this node; "
@@ -50,8 +52,8 @@ _LISTED = 10  # graph slugs named by `info`
 @click.option("--no-compact", is_flag=True, help="Keep chunk files as written when the run completes "
               "(by default each layer's chunks are merged; see `featurestore compact`).")
 def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, device, batch_tokens, skip_incomplete, source,
-            neurons_per_layer, seed, adapters, neuron_samples, chunk_size, tokenizer, revision, ray_address, num_workers,
-            gpus_per_worker, no_compact):
+            neurons_per_layer, seed, adapters, neuron_samples, chunk_size, tokenizer, writer_threads, revision, ray_address,
+            num_workers, gpus_per_worker, no_compact):
     """Run MODEL over DATA and store every non-zero feature activation.
 
     Interrupt at any time: rerunning the same command resumes from the last committed chunk.
@@ -67,7 +69,8 @@ def collect(model, data, store, fmt, max_length, max_samples, layers, dtype, dev
                         layers=parse_layers(layers), dtype=dtype, device=device, batch_tokens=batch_tokens,
                         skip_incomplete=skip_incomplete, source="neuron" if source.startswith("neuron") else source,
                         neurons_per_layer=neurons_per_layer, seed=seed, chunk_size=chunk_size, tokenizer=tokenizer,
-                        revision=revision, adapters=adapters, neuron_samples=neuron_samples, compact=not no_compact)
+                        revision=revision, adapters=adapters, neuron_samples=neuron_samples, compact=not no_compact,
+                        writer_threads=writer_threads)
     info = result.info()
     for name, s in info["sources"].items():
         click.echo(f"{name}: {s['activations']:,} activations, {s['live_features']:,} live features, {s['chunks']} chunks")

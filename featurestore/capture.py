@@ -7,6 +7,8 @@ Everything is tensor work on the model's device; nothing loops over activations 
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
 
@@ -48,11 +50,16 @@ def refuse_nonfinite_activations(model, source: str, layer: int) -> None:
 
 
 class LayerAccumulator:
-    """Rows and per-feature statistics of one (source, layer) within the current chunk."""
+    """Rows and per-feature statistics of one (source, layer) within the current chunk.
+
+    Rows arrive as packed (4, n) int32 blocks (feature, seq_id, pos, act's float32 bits), one per layer and batch,
+    so a batch's rows cross to the host in one copy; on CUDA the copy goes into pinned memory without blocking,
+    and ``take_rows`` waits for it only when the rows are flushed.
+    """
 
     def __init__(self, n_units: int):
         self.n_units = n_units
-        self.parts: list[tuple[torch.Tensor, ...]] = []  # (feature, seq_id, pos, act) on CPU
+        self.parts: list[tuple[torch.Tensor, object]] = []  # (packed rows on CPU, CUDA event or None)
         self.n_rows = 0
         self.reset_stats()
 
@@ -61,26 +68,37 @@ class LayerAccumulator:
         self.sum = np.zeros(self.n_units, dtype=np.float64)
         self.max = np.zeros(self.n_units, dtype=np.float32)
 
-    def add_rows(self, feature, seq_id, pos, act) -> None:
-        self.parts.append((feature, seq_id, pos, act))
-        self.n_rows += len(act)
+    def add_packed(self, packed: torch.Tensor, ready=None) -> None:
+        self.parts.append((packed, ready))
+        self.n_rows += packed.shape[1]
 
     def take_rows(self) -> tuple[np.ndarray, ...] | None:
         if not self.parts:
             return None
-        columns = [torch.cat([p[i] for p in self.parts]).numpy() for i in range(4)]
+        for _, ready in self.parts:
+            if ready is not None:
+                ready.synchronize()
+        packed = torch.cat([p for p, _ in self.parts], dim=1).numpy()
         self.parts, self.n_rows = [], 0
-        return tuple(columns)
+        return packed[0], packed[1], packed[2], packed[3].view(np.float32)
 
-    def add_stats_from_rows(self, feature: np.ndarray, act: np.ndarray) -> None:
-        self.count += np.bincount(feature, minlength=self.n_units)
-        self.sum += np.bincount(feature, weights=act, minlength=self.n_units)
-        np.maximum.at(self.max, feature, act)
+    def add_stats(self, stats: tuple[np.ndarray, np.ndarray, np.ndarray]) -> None:
+        count, total, peak = stats
+        self.count += count
+        self.sum += total
+        np.maximum(self.max, peak, out=self.max)
 
     def take_stats(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         stats = (self.count, self.sum, self.max)
         self.reset_stats()
         return stats
+
+
+def stats_from_rows(feature: np.ndarray, act: np.ndarray, n_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact per-unit count, sum and maximum of a block of rows (computed on the writer threads)."""
+    peak = np.zeros(n_units, dtype=np.float32)
+    np.maximum.at(peak, feature, act)
+    return np.bincount(feature, minlength=n_units), np.bincount(feature, weights=act, minlength=n_units), peak
 
 
 class Capture:
@@ -96,6 +114,8 @@ class Capture:
         self.valid: torch.Tensor | None = None  # (B, T) bool on the device
         self.acc: dict[int, LayerAccumulator] = {}
         self._handles: list = []
+        self.pinned = True  # CUDA rows go to pinned host memory without blocking (False: a blocking copy per layer)
+        self.transfer_s = 0.0  # host time spent handing rows to the host (includes waits for the device)
 
     def set_batch(self, seq_ids: torch.Tensor, valid: torch.Tensor) -> None:
         self.seq_ids, self.valid = seq_ids, valid
@@ -106,10 +126,18 @@ class Capture:
         self._handles = []
 
     def _emit(self, layer: int, b: torch.Tensor, t: torch.Tensor, f: torch.Tensor, act: torch.Tensor) -> None:
-        act = act.to(torch.float32).cpu()
-        if not bool(torch.isfinite(act).all()):  # one reduction per batch and layer, over the few rows kept, on the host
-            refuse_nonfinite_activations(self.model, self.source, layer)
-        self.acc[layer].add_rows(f.to(torch.int32).cpu(), self.seq_ids[b].cpu(), t.to(torch.int32).cpu(), act)
+        packed = torch.stack([f.to(torch.int32), self.seq_ids[b], t.to(torch.int32), act.to(torch.float32).view(torch.int32)])
+        started = time.perf_counter()
+        ready = None
+        if packed.is_cuda and self.pinned:
+            host = torch.empty(packed.shape, dtype=torch.int32, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = packed.cpu()
+        self.transfer_s += time.perf_counter() - started
+        self.acc[layer].add_packed(host, ready)
 
 
 class TranscoderCapture(Capture):

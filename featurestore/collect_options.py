@@ -28,6 +28,8 @@ class CollectOptions:
     tokenizer: str | None = None
     revision: str | None = None
     flush_rows: int = 4_000_000
+    writer_threads: int = 2  # threads that sort and write activation parts (GIL-free work in pyarrow)
+    pinned_transfers: bool = True  # CUDA: rows cross to pinned host memory without blocking the forward pass
     progress: bool = True
     compact: bool = True  # merge each layer's chunk files when the run completes (featurestore.compaction)
     # test hook: stop (as if killed) after this many chunks were committed in this run
@@ -60,7 +62,7 @@ def check_options(opts: CollectOptions) -> None:
         raise UserError(f"unknown --source {opts.source!r}; use transcoder or neurons")
     if opts.format not in FORMATS:
         raise UserError(f"unknown --format {opts.format!r}; use one of {', '.join(FORMATS)}")
-    for name in ("max_length", "batch_tokens", "chunk_size"):
+    for name in ("max_length", "batch_tokens", "chunk_size", "writer_threads"):
         if getattr(opts, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
     if opts.adapters not in (None, "on", "off"):

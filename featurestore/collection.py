@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from . import schema
 from .collect_options import CollectOptions, check_options, parse_layers  # noqa: F401 (re-exported)
-from .capture import Capture, NeuronCapture, StopForward, TranscoderCapture, refuse_nonfinite_weights, sample_neurons
+from .capture import (Capture, NeuronCapture, StopForward, TranscoderCapture, refuse_nonfinite_activations,
+                      refuse_nonfinite_weights, sample_neurons, stats_from_rows)
 from .neuron_counts import token_groups
 from .neuron_windows import TOP_PER_CHUNK, WINDOW_AFTER, WINDOW_BEFORE
 from .data import Dataset, adds_special_tokens, format_text, open_dataset
@@ -123,19 +124,26 @@ def chunk_file_name(chunk: int, part: int | None = None, attempt: str | None = N
 
 
 class ChunkWriter:
-    """Writes a chunk's files on a background thread and commits it; at most one chunk is in flight.
+    """Writes a chunk's files on background threads and commits it; at most one chunk's commit is in flight.
 
+    Activation parts (sort + Parquet, which release the GIL) run on ``threads`` workers, so a fast device is not
+    held back by one writer; the chunk's remaining tables and its commit run on one thread, in chunk order.
     ``commit`` (the manifest's) is called with the chunk's record once its files are written; without it
-    (a distributed worker) the record is only returned, and the driver commits it.
+    (a distributed worker) the record is only returned, and the driver commits it. ``wait_s`` is the time the
+    forward loop spent blocked on the writers.
     """
 
-    def __init__(self, root: Path, source: str, unit_ids: dict[int, np.ndarray], commit=None):
+    def __init__(self, root: Path, source: str, unit_ids: dict[int, np.ndarray], commit=None, threads: int = 1):
         self.root = root
         self.source = source
         self.unit_ids = unit_ids
         self.commit = commit
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestore-writer")
+        self.threads = max(1, int(threads))
+        self.pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="featurestore-writer")
+        self.chunk_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="featurestore-commit")
         self.pending: list[Future] = []
+        self.pending_chunks: list[Future] = []
+        self.wait_s = 0.0
         self.hashes: dict[str, list] = {}  # rel -> [size, sha256] of files written and not yet in a record
 
     def _write(self, table: pa.Table, rel: str, **options) -> str:
@@ -145,13 +153,29 @@ class ChunkWriter:
         return rel
 
     def _wait(self, keep: int) -> None:
+        started = time.perf_counter()
         while len(self.pending) > keep:
             self.pending.pop(0).result()
+        if keep == 0:
+            while self.pending_chunks:
+                self.pending_chunks.pop(0).result()
+        self.wait_s += time.perf_counter() - started
 
     def submit(self, fn, *args) -> Future:
-        self._wait(keep=1)
+        """Queue a part: the caller blocks while every worker is busy and one more part is already queued."""
+        self._wait(keep=self.threads)
         future = self.pool.submit(fn, *args)
         self.pending.append(future)
+        return future
+
+    def submit_chunk(self, fn, *args) -> Future:
+        """Queue a chunk's commit after waiting for the previous chunk's (memory stays one chunk deep)."""
+        started = time.perf_counter()
+        while self.pending_chunks:
+            self.pending_chunks.pop(0).result()
+        self.wait_s += time.perf_counter() - started
+        future = self.chunk_pool.submit(fn, *args)
+        self.pending_chunks.append(future)
         return future
 
     def close(self, wait: bool = True) -> None:
@@ -160,6 +184,12 @@ class ChunkWriter:
                 self._wait(keep=0)
         finally:
             self.pool.shutdown(wait=wait, cancel_futures=not wait)
+            self.chunk_pool.shutdown(wait=wait, cancel_futures=not wait)
+
+    def write_part_with_stats(self, chunk: int, layer: int, part: int, rows, attempt: str | None, with_stats: bool):
+        """A part's file, plus its exact per-feature statistics when the source's come from its rows."""
+        stats = stats_from_rows(rows[0], rows[3], len(self.unit_ids[layer])) if with_stats else None
+        return layer, self.write_part(chunk, layer, part, rows, attempt), stats
 
     def clear_stale(self, chunk: int, with_tokens: bool) -> None:
         """Remove files an interrupted run left for this uncommitted chunk."""
@@ -193,7 +223,14 @@ class ChunkWriter:
     def write_chunk(self, record: dict, part_futures: list[Future], tables: dict[str, pa.Table], stats: dict,
                     neuron_tables: dict[str, dict[int, pa.Table]] | None = None) -> dict:
         files, attempt = record["files"], record.get("attempt")
-        files["activations"] = [f.result() for f in part_futures]
+        files["activations"] = []
+        for future in part_futures:
+            result = future.result()  # write_part_with_stats's (layer, rel, stats), or write_part's bare rel
+            layer, rel, part_stats = result if isinstance(result, tuple) else (None, result, None)
+            files["activations"].append(rel)
+            if part_stats is not None:
+                count, total, peak = stats[layer]
+                stats[layer] = (count + part_stats[0], total + part_stats[1], np.maximum(peak, part_stats[2]))
         files["feature_stats"] = [self.write_stats(record["chunk"], layer, s, attempt) for layer, s in sorted(stats.items())]
         for name, per_layer in (neuron_tables or {}).items():  # neuron_windows, neuron_counts
             files[name] = []
@@ -230,16 +267,27 @@ def _prepare_store(store_dir: Path, info: dict, data: dict, settings: dict, opts
 
 def collect(model: str, data: str, store: str | Path, **options):
     """Collect activations of ``model`` over ``data`` into the store directory ``store``; returns the Store."""
-    from .store import Store
-
     opts = CollectOptions(**options)
     check_options(opts)
-    store_dir = store_path(store)
     device = resolve_device(opts.device)
-    dataset = open_dataset(data)
+    dataset = open_dataset(data)  # validated whole before the model loads
     net, ckpt = load_model(model, dtype=opts.dtype, device=device, revision=opts.revision,
                            require_adapter=opts.source == "transcoder" or opts.adapters == "on")
     tokenizer = load_tokenizer(opts.tokenizer or ckpt.path)
+    return collect_loaded(net, ckpt, tokenizer, data, store, opts, dataset)
+
+
+def collect_loaded(net, ckpt, tokenizer, data: str, store: str | Path, opts: CollectOptions, dataset: Dataset | None = None):
+    """The collection of :func:`collect` with the model already in memory (benchmarks build one on the device).
+
+    Returns the Store; the forward loop's timings (``ChunkCollector.timings``) are in ``store.collect_timings``.
+    """
+    from .store import Store
+
+    check_options(opts)
+    store_dir = store_path(store)
+    dataset = dataset or open_dataset(data)
+    device = resolve_device(opts.device)
     info, layers, source_settings, neurons = describe_model(ckpt, tokenizer, opts, device)
     refuse_nonfinite_weights(net, max(layers))
     data_info, settings = describe_data(data, dataset, opts)
@@ -249,7 +297,7 @@ def collect(model: str, data: str, store: str | Path, **options):
             manifest = _prepare_store(store_dir, info, data_info, settings, opts, source_settings)
             _write_static_tables(manifest, net, tokenizer, opts.source, layers, neurons)
             run = start_run(manifest, opts)
-            _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
+            timings = _collect_chunks(manifest, dataset, net, tokenizer, opts, layers, neurons, device)
             if opts.stop_after_chunks is None or _all_done(manifest, dataset, opts):
                 run["finished"] = now()
                 manifest.save()
@@ -259,7 +307,9 @@ def collect(model: str, data: str, store: str | Path, **options):
         if error is None:
             raise
         raise error from None
-    return Store(store_dir)
+    result = Store(store_dir)
+    result.collect_timings = timings
+    return result
 
 
 def finish_collection(manifest: Manifest, opts: CollectOptions) -> None:
@@ -403,8 +453,17 @@ class ChunkCollector:
         if opts.source == "neuron" and opts.adapters != "on":
             disable_adapters(net)
         self.capture = _make_capture(net, opts, layers, neurons)
-        self.writer = ChunkWriter(root, opts.source, unit_ids, commit)
+        self.writer = ChunkWriter(root, opts.source, unit_ids, commit, threads=opts.writer_threads)
+        self.capture.pinned = opts.pinned_transfers
         self.started, self.n_tokens = time.perf_counter(), 0
+        self.forward_s = 0.0
+
+    @property
+    def timings(self) -> dict:
+        """Seconds the forward loop spent in forward passes (capture included), handing rows to the host, and
+        blocked on the writer threads; with ``n_tokens``, what a benchmark needs to see where time goes."""
+        return {"forward_s": self.forward_s, "transfer_s": self.capture.transfer_s, "writer_wait_s": self.writer.wait_s,
+                "n_tokens": self.n_tokens}
 
     def submit_chunk(self, chunk: int, rows, row_range: tuple[int, int], with_tokens: bool, attempt: str | None = None,
                      bar=None) -> Future:
@@ -418,9 +477,10 @@ class ChunkCollector:
             rows = capture.acc[layer].take_rows()
             if rows is None:
                 return
-            if opts.source == "transcoder":
-                capture.acc[layer].add_stats_from_rows(rows[0], rows[3])
-            part_futures.append(writer.submit(writer.write_part, chunk, layer, parts[layer], rows, attempt))
+            if not np.isfinite(rows[3]).all():  # one pass over the flushed rows, on the host, before any commit
+                refuse_nonfinite_activations(self.net, opts.source, layer)
+            part_futures.append(writer.submit(writer.write_part_with_stats, chunk, layer, parts[layer], rows, attempt,
+                                              opts.source == "transcoder"))
             parts[layer] += 1
 
         lengths = [len(x) for x in tok.ids]
@@ -428,7 +488,9 @@ class ChunkCollector:
         for batch in plan_batches(lengths, opts.batch_tokens):
             if groups is not None:
                 capture.groups = batch_groups([groups[tok.seq_ids[i]] for i in batch], self.device)
+            started = time.perf_counter()
             run_batch(self.net, [tok.ids[i] for i in batch], [tok.seq_ids[i] for i in batch], self.pad_id, self.device, capture)
+            self.forward_s += time.perf_counter() - started
             for layer in self.layers:
                 if capture.acc[layer].n_rows >= opts.flush_rows:
                     flush(layer)
@@ -451,7 +513,7 @@ class ChunkCollector:
         if attempt is not None:
             record["attempt"] = attempt
         tables = {"sequences": tok.sequences, "tokens": tok.tokens} if with_tokens else {}
-        return writer.submit(writer.write_chunk, record, part_futures, tables, stats, neuron_tables)
+        return writer.submit_chunk(writer.write_chunk, record, part_futures, tables, stats, neuron_tables)
 
     def close(self, ok: bool = True) -> None:
         """Remove the hooks and finish pending writes (errors of a failed run's writes are not raised again)."""
@@ -460,14 +522,14 @@ class ChunkCollector:
             self.writer.close(wait=True)
 
 
-def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: CollectOptions, layers, neurons, device) -> None:
+def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: CollectOptions, layers, neurons, device) -> dict:
     n_rows = _n_rows(dataset, opts)
     chunks = range(-(-n_rows // opts.chunk_size))
     done = manifest.committed(opts.source)
     todo = [c for c in chunks if c not in done]
     if not todo:
         print(f"store already holds all {len(done)} chunks of {opts.source} activations; nothing to do", file=sys.stderr)
-        return
+        return {}
     collector = ChunkCollector(manifest.root, net, tokenizer, opts, layers, neurons, device, commit=manifest.commit_chunk)
     todo_rows = sum(min(n_rows, (c + 1) * opts.chunk_size) - c * opts.chunk_size for c in todo)
     bar = tqdm(total=todo_rows, unit="seq", desc=f"collect {opts.source}", disable=not opts.progress, file=sys.stderr)
@@ -487,3 +549,4 @@ def _collect_chunks(manifest: Manifest, dataset: Dataset, net, tokenizer, opts: 
     finally:
         bar.close()
         collector.close(ok)
+    return collector.timings
