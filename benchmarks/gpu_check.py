@@ -343,7 +343,8 @@ def main(argv: list[str] | None = None) -> dict:
                 report["collection"][f"l0={l0}" + ("" if name == "default" else f" ({name})")] = result
                 _say(f"  collect ({name}): ratio {result['ratio']:.2f}, {result['tokens_per_s']:,.0f} tok/s")
         if "neurons" not in skip:
-            neuron_opts = replace(opts, source="neuron", neurons_per_layer=NEURONS_PER_LAYER)
+            # adapters on: the capture cost is the same, and the model in memory stays whole for the later sections
+            neuron_opts = replace(opts, source="neuron", neurons_per_layer=NEURONS_PER_LAYER, adapters="on")
             report["neurons"] = run_collection(net, ckpt, tokenizer, data, work / "store-neurons", neuron_opts, args.device)
             report["neurons"]["neurons_per_layer"] = min(NEURONS_PER_LAYER, shape.d_mlp)
             _say(f"neurons: ratio {report['neurons']['ratio']:.2f}")

@@ -65,7 +65,7 @@ def test_list_search_by_description_logit_and_token(browser, site, demo):
     assert rows.first.locator(".description").inner_text() == NASTY  # shown as text, never as markup
     assert p.page.locator("#app img").count() == 0 and p.page.evaluate("() => window.pwned") is None
 
-    token = store.sql("SELECT token FROM logit_lens WHERE side = 'top' AND rank = 0 GROUP BY token "
+    token = store.sql("SELECT token FROM logit_lens WHERE side = 'top' AND rank = 0 AND trim(token) <> '' GROUP BY token "
                       "ORDER BY count(*) DESC, token LIMIT 1").fetchall()[0][0]
     expected = store.sql("SELECT count(DISTINCT (layer, feature)) FROM logit_lens l JOIN features f "
                          "USING (source, layer, feature) WHERE side = 'top' AND lower(trim(token)) = lower(trim(?))",

@@ -139,8 +139,15 @@ def test_fuzzing_embedding_and_separate_models(store):
                           params=[rid, entry["layer"], entry["feature"], entry["purpose"][5:]]).fetchall()
         assert len(shown) == len(items)
         for text, (seq, lo, hi, marks) in zip(shown, items):
-            tokens = store.sql("SELECT pos, token FROM tokens WHERE seq_id = ? AND pos BETWEEN ? AND ? ORDER BY pos",
-                               params=[seq, lo, hi]).fetchall()
+            # judges read merged text: split characters decoded with EDGE tokens of context on each side
+            from featurestore.interp.evidence import EDGE
+            from featurestore.text import merge_partial_bytes
+
+            ctx = store.sql("SELECT t.pos, v.token, CASE WHEN v.partial_utf8 THEN v.raw END FROM tokens t "
+                            "JOIN vocab v USING (token_id) WHERE seq_id = ? AND pos BETWEEN ? AND ? ORDER BY pos",
+                            params=[seq, lo - EDGE, hi + EDGE]).fetchall()
+            merged = dict(zip([c[0] for c in ctx], merge_partial_bytes([c[2] for c in ctx], [c[1] for c in ctx])))
+            tokens = [(c[0], merged[c[0]]) for c in ctx if lo <= c[0] <= hi]
             assert text.replace("<<<", "").replace(">>>", "") == "".join(t for _, t in tokens)
             expected, inside = "", False  # each run of consecutive marked positions wrapped once
             for p, t in tokens:

@@ -137,7 +137,11 @@ def test_exported_neuron_windows_equal_brute_force(tiny, neuron_stores, tmp_path
 
     store = neuron_stores["off"]
     columns = _dense_columns(tiny, store)
-    summary = export_json(store, tmp_path, source="neuron", progress=False)
+    from exporters.feature_documents import DocumentOptions
+
+    # the original's selection (no per-sequence cap): the exact store-wide top 20
+    summary = export_json(store, tmp_path, source="neuron", progress=False,
+                          options=DocumentOptions(max_per_sequence=None))
     assert summary.n_features > 0
     views = {(l, f): (c, q) for l, f, c, q in store.sql(
         "select layer, feature, activation_count, activation_freq from features where source = 'neuron'").fetchall()}

@@ -81,7 +81,7 @@ def test_backwards_layer_range(tiny, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("version, needle", [("1", "has store format '1' (a str in featurestore.json, not an integer)"),
-                                             (2, "has store format 2; this featurestore reads format 1 only (upgrade"),
+                                             (3, "has store format 3; this featurestore reads formats 1, 2 (upgrade"),
                                              (None, "has store format unknown")])
 def test_format_version_message_tells_the_versions_apart(store_copy, capsys, version, needle):
     manifest = json.loads((store_copy / "featurestore.json").read_text())

@@ -13,14 +13,16 @@ import asyncio
 import datetime as _dt
 import json
 import math
+import os
 import time
 
 import numpy as np
 import openai
 
 from .answers import AnswerError
-from .client import (Attempt, FatalJudgeError, JudgeSettings, RequestFailed, RETRYABLE_STATUS, _error_text,
+from .client import (Attempt, FatalJudgeError, JudgeSettings, RequestFailed, RETRYABLE_STATUS, Waits, _error_text,
                      _status_message, resolve_api_key, retry_after_seconds)
+from .redact import Redactor
 from .metrics import auroc, auroc_interval
 
 SCORER = "embedding"
@@ -35,6 +37,8 @@ class EmbeddingClient:
         self._client = openai.AsyncOpenAI(api_key=api_key or resolve_api_key(base_url), base_url=base_url,
                                           max_retries=0, timeout=settings.timeout_s)
         self._limit = asyncio.Semaphore(max(1, settings.concurrency))
+        self.redact = Redactor([api_key, os.environ.get("OPENAI_API_KEY")])  # nothing kept or shown holds the key
+        self.waits = Waits()
 
     async def close(self) -> None:
         await self._client.close()
@@ -48,11 +52,12 @@ class EmbeddingClient:
             started, clock, headers = _dt.datetime.now(_dt.timezone.utc), time.monotonic(), None
             async with self._limit:
                 try:
-                    raw = await self._client.embeddings.with_raw_response.create(
-                        model=self.settings.model, input=inputs, encoding_format="float")
+                    raw = await asyncio.wait_for(self._client.embeddings.with_raw_response.create(
+                        model=self.settings.model, input=inputs, encoding_format="float"),
+                        timeout=self.settings.timeout_s)  # the whole request, not the gap between bytes
                 except openai.APIStatusError as exc:
-                    attempt = Attempt(body, started, time.monotonic() - clock, exc.status_code, _error_text(exc),
-                                      _status_message(exc), outcome="retry")
+                    attempt = Attempt(body, started, time.monotonic() - clock, exc.status_code,
+                                      self.redact(_error_text(exc)), self.redact(_status_message(exc)), outcome="retry")
                     attempts.append(attempt)
                     if exc.status_code in (401, 403):
                         raise FatalJudgeError(f"embeddings endpoint refused the API key (HTTP {exc.status_code})") from None
@@ -63,12 +68,12 @@ class EmbeddingClient:
                         attempt.outcome = "failed"
                         raise RequestFailed(attempt.error, attempts) from None
                     headers, error = exc.response.headers, attempt.error
-                except (openai.APITimeoutError, openai.APIConnectionError) as exc:
-                    kind = "timeout" if isinstance(exc, openai.APITimeoutError) else "connection error"
-                    error = f"{kind} after {time.monotonic() - clock:.1f}s: {exc}"[:500]
+                except (openai.APITimeoutError, openai.APIConnectionError, asyncio.TimeoutError) as exc:
+                    kind = "connection error" if type(exc) is openai.APIConnectionError else "timeout"
+                    error = self.redact(f"{kind} after {time.monotonic() - clock:.1f}s: {exc}"[:500])
                     attempts.append(Attempt(body, started, time.monotonic() - clock, None, None, error, outcome="retry"))
                 else:
-                    text = raw.text
+                    text = self.redact(raw.text)
                     attempt = Attempt(body, started, time.monotonic() - clock, raw.status_code, text)
                     try:
                         attempt.prompt_tokens = (json.loads(text).get("usage") or {}).get("prompt_tokens")
@@ -81,7 +86,8 @@ class EmbeddingClient:
                 raise RequestFailed(f"gave up after {len(attempts)} requests: {error}", attempts)
             told = retry_after_seconds(headers)
             ceiling = min(self.settings.backoff_max_s, self.settings.backoff_base_s * 2 ** retries)
-            await asyncio.sleep(told if told is not None else ceiling * (0.5 + 0.5 * np.random.random()))
+            wait = told if told is not None else ceiling * (0.5 + 0.5 * np.random.random())
+            await asyncio.sleep(min(wait, getattr(self.settings, "max_wait_s", wait)))
             retries += 1
 
 
