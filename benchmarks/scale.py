@@ -5,12 +5,18 @@
 Only the forward pass is replaced by a generator: chunks of 64 traces of ~5,000 tokens, ~5 active features per
 token and layer drawn from a heavy-tailed (Zipf) frequency over 8192 features (a few on >1% of tokens, most rare,
 the last 3% dead), written by ``ChunkWriter`` (the collection's writer: sorted parts, 64k-row groups, per-chunk
-stats) and committed to the manifest. At each size it prints: bytes on disk per activation; top-20 and
-``Feature.to_json()`` latency for a rare, a median and the most frequent feature; the ``features`` view and
-``count(*)``; ``export pack``/``json``/``metadata`` of one layer (and metadata of all layers) with wall time, peak
-RSS and the floor (one scan of the layer's activations + gzip of the written documents on one core), and pack on 1
-and 2 workers; ``compact`` and ``check`` when the store has them; then the fitted extrapolation to 1e9 and 7e9
-activations. Latencies are medians of ``--runs`` runs. Exports run in child processes so peak RSS is their own.
+stats) and committed to the manifest. At each size it prints:
+- bytes on disk per activation, as collected and compacted;
+- top-20 and ``Feature.to_json()`` latency for a rare, a median and the most frequent feature, the ``features``
+  view and ``count(*)``, on the store as collected (``--no-compact``) and compacted (what ``collect`` leaves);
+- ``check`` against one read of every file, and ``compact`` against one read of the files it rewrites and one
+  DuckDB scan decoding all their columns, cold (the files evicted from the page cache first: a real store does not
+  fit in it) and for check also warm;
+- ``export pack``/``json``/``metadata`` of one layer of the compacted store (and metadata of all layers) with wall
+  time, peak RSS and the floor (one scan of the layer's activations + gzip of the written documents on one core),
+  pack on 1 and 2 workers, and pack once on the store as collected;
+then the fitted extrapolation to 1e9 and 7e9 activations. Figures are medians of ``--runs`` runs. Exports run in
+child processes so peak RSS is their own (with 2 workers, the workers' RSS is not counted).
 """
 from __future__ import annotations
 
@@ -52,7 +58,7 @@ def build_store(root: Path, n_activations: float) -> Path:
     from featurestore import schema
     from featurestore.capture import LayerAccumulator, stats_from_rows
     from featurestore.collect_options import CollectOptions
-    from featurestore.collection import ChunkWriter
+    from featurestore.collection import ChunkWriter, record_static_tables
     from featurestore.manifest import Manifest, now
     from featurestore.storage import write_parquet_atomic
 
@@ -65,10 +71,12 @@ def build_store(root: Path, n_activations: float) -> Path:
                                       "d_model": 0, "d_mlp": 0, "vocab_size": VOCAB}, {"synthetic": True}, {})
     manifest.data["sources"]["transcoder"] = {"layers": list(range(N_LAYERS))}
     texts = [f"tok{i}" for i in range(VOCAB)]
+    info = {}
     write_parquet_atomic(pa.table({"token_id": np.arange(VOCAB, dtype=np.int32), "token": texts,
                                    "raw": [t.encode() for t in texts], "partial_utf8": [False] * VOCAB,
-                                   "special": [False] * VOCAB}, schema=schema.VOCAB), root / schema.VOCAB_FILE)
-    manifest.data["vocab"] = schema.VOCAB_FILE
+                                   "special": [False] * VOCAB}, schema=schema.VOCAB), root / schema.VOCAB_FILE, info=info)
+    record_static_tables(manifest, "transcoder", {"vocab": schema.VOCAB_FILE,
+                                                  "hashes": {schema.VOCAB_FILE: [info["size"], info["sha256"]]}})
     manifest.data["runs"].append({"started": now(), "synthetic": True})
     manifest.save()
     writer = ChunkWriter(root, "transcoder", {layer: np.arange(N_FEATURES) for layer in range(N_LAYERS)},
@@ -151,6 +159,7 @@ def child(kind: str, store: str, out: str, layer: int | None, workers: int) -> N
 
 def run_child(kind: str, store: Path, out: Path, layer: int | None, workers: int) -> dict:
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()  # the previous run's deleted files are discarded now, not during this run's file creation
     args = [sys.executable, __file__, "--child", kind, str(store), str(out), str(-1 if layer is None else layer), str(workers)]
     result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if result.returncode:
@@ -172,43 +181,87 @@ def floor_seconds(store, layer: int, documents: list[bytes]) -> tuple[float, flo
     return read, time.perf_counter() - started
 
 
-def store_command(name: str, store: Path) -> float | None:
-    """Seconds of `featurestore NAME STORE` when this checkout has the command, else None."""
-    from cli.main import cli
+def evict(paths) -> None:
+    """Drop the files' pages from the page cache (POSIX_FADV_DONTNEED, no root needed): a real store (63 GB at 7e9
+    activations) is read from disk, not memory, so cold figures are the ones that extrapolate."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
-    if name not in cli.commands:
-        return None
+
+def read_seconds(paths) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "cli.main", name, str(store)], check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": str(ROOT)})
-    return time.perf_counter() - started
-
-
-def read_all_seconds(store: Path) -> float:
-    started = time.perf_counter()
-    for path in store.rglob("*.parquet"):
-        with open(path, "rb") as handle:
-            while handle.read(1 << 24):
+    for path in paths:
+        with open(path, "rb", buffering=0) as handle:
+            while handle.read(8 << 20):
                 pass
     return time.perf_counter() - started
 
 
-def measure(store_dir: Path, runs: int, workers: int, scratch: Path) -> dict:
+def cold_and_warm(function, paths, runs: int) -> tuple[float, float]:
+    """Medians of ``function`` with the files evicted first, and again with them in the page cache."""
+    cold, warm = [], []
+    for _ in range(runs):
+        evict(paths)
+        cold.append(median_ms(function, 1) / 1000)
+        warm.append(median_ms(function, 1) / 1000)
+    return statistics.median(cold), statistics.median(warm)
+
+
+def latencies(store_dir: Path, runs: int, prefix: str, r: dict) -> None:
     import featurestore as fs
 
     store = fs.open(store_dir)
-    acts = store.sql("SELECT count(*) FROM activations").fetchall()[0][0]
-    size = sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file())
     counts = store.sql(f"SELECT feature, activation_count FROM features WHERE layer = {EXPORT_LAYER} "
                        "ORDER BY activation_count, feature").fetchall()
     picks = {"rare": counts[0][0], "median": counts[len(counts) // 2][0], "frequent": counts[-1][0]}
-    r = {"activations": acts, "bytes_per_activation": size / acts, "live_features_layer": len(counts)}
+    r["live_features_layer"] = len(counts)
     for name, feature in picks.items():
         handle = store.feature(EXPORT_LAYER, feature)
-        r[f"top20_{name}_ms"] = median_ms(lambda: handle.top_examples(20), runs)
-        r[f"to_json_{name}_ms"] = median_ms(lambda: handle.to_json(), runs)
-    r["features_view_ms"] = median_ms(lambda: store.sql("SELECT count(*), sum(activation_count) FROM features").fetchall(), runs)
-    r["count_ms"] = median_ms(lambda: store.sql("SELECT count(*) FROM activations").fetchall(), runs)
+        r[f"{prefix}top20_{name}_ms"] = median_ms(lambda: handle.top_examples(20), runs)
+        r[f"{prefix}to_json_{name}_ms"] = median_ms(lambda: handle.to_json(), runs)
+    r[f"{prefix}features_view_ms"] = median_ms(lambda: store.sql("SELECT count(*), sum(activation_count) FROM features").fetchall(), runs)
+    r[f"{prefix}count_ms"] = median_ms(lambda: store.sql("SELECT count(*) FROM activations").fetchall(), runs)
+
+
+def check_and_compact(store_dir: Path, compacted: Path, runs: int, r: dict) -> None:
+    """check (in process: the CLI adds ~1 s of imports) on the store as collected, then compact a copy, each cold
+    and against one read of the files it touches (and, for compact, one DuckDB scan decoding all their columns)."""
+    import duckdb
+
+    from featurestore.checks import check_store
+    from featurestore.compaction import compact
+    from featurestore.manifest import Manifest
+
+    manifest = Manifest.load(store_dir)
+    listed = [store_dir / rel for rel in manifest.listed()]
+    r["check_cold_s"], r["check_warm_s"] = cold_and_warm(lambda: check_store(store_dir, progress=False), listed, runs)
+    r["read_cold_s"], r["read_warm_s"] = cold_and_warm(lambda: read_seconds(listed), listed, runs)
+    touched = [store_dir / rel for rel in manifest.files("activations") + manifest.files("feature_stats")]
+    activations = [str(store_dir / rel) for rel in manifest.files("activations")]
+    r["touched_read_cold_s"], _ = cold_and_warm(lambda: read_seconds(touched), touched, runs)
+    r["decode_cold_s"], _ = cold_and_warm(lambda: duckdb.sql(
+        f"SELECT sum(feature), sum(seq_id), sum(pos), sum(act), count(*) FROM read_parquet({activations})").fetchall(),
+        touched, runs)
+    times = []
+    for _ in range(runs):
+        shutil.rmtree(compacted, ignore_errors=True)
+        shutil.copytree(store_dir, compacted)
+        evict(p for p in compacted.rglob("*") if p.is_file())
+        started = time.perf_counter()
+        compact(compacted, progress=False)
+        times.append(time.perf_counter() - started)
+    r["compact_s"] = statistics.median(times)
+
+
+def exports(store_dir: Path, runs: int, workers: int, scratch: Path, r: dict) -> None:
+    import featurestore as fs
+
+    store = fs.open(store_dir)
     for kind in ("pack", "json", "metadata"):
         results = [run_child(kind, store_dir, scratch / kind, EXPORT_LAYER, 1) for _ in range(runs)]
         r[f"{kind}_s"] = statistics.median(x["wall"] for x in results)
@@ -222,35 +275,58 @@ def measure(store_dir: Path, runs: int, workers: int, scratch: Path) -> dict:
                                        for _ in range(runs))
     all_meta = run_child("metadata", store_dir, scratch / "meta_all", None, 1)
     r["metadata_all_s"], r["metadata_all_rss_mb"] = all_meta["wall"], all_meta["rss_mb"]
-    r["read_all_s"] = read_all_seconds(store_dir)
-    r["check_s"] = store_command("check", store_dir)
-    r["compact_s"] = store_command("compact", store_dir)
+
+
+def measure(store_dir: Path, runs: int, workers: int, scratch: Path) -> dict:
+    """The store as collected (``--no-compact``, or a collection still running), then compacted (what ``collect``
+    leaves by default): latencies on both, check and compact, and the exports on the compacted store."""
+    import featurestore as fs
+
+    store = fs.open(store_dir)
+    acts = store.sql("SELECT count(*) FROM activations").fetchall()[0][0]
+    size = sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file())
+    r = {"activations": acts, "bytes_per_activation": size / acts}
+    latencies(store_dir, runs, "chunked_", r)
+    r["pack_chunked_s"] = run_child("pack", store_dir, scratch / "pack", EXPORT_LAYER, 1)["wall"]
+    compacted = scratch.parent / f"{store_dir.name}-compacted"
+    check_and_compact(store_dir, compacted, runs, r)
+    r["compacted_bytes_per_activation"] = sum(p.stat().st_size for p in compacted.rglob("*") if p.is_file()) / acts
+    latencies(compacted, runs, "", r)
+    exports(compacted, runs, workers, scratch, r)
+    shutil.rmtree(compacted, ignore_errors=True)
     return r
 
 
 def report(label: str, r: dict) -> None:
-    print(f"\n== {label}: {r['activations']:,} activations, {r['bytes_per_activation']:.2f} bytes on disk per activation")
-    for name in ("rare", "median", "frequent"):
-        print(f"  {name:8s} feature: top-20 {r[f'top20_{name}_ms']:7.1f} ms   to_json {r[f'to_json_{name}_ms']:7.1f} ms")
-    print(f"  features view {r['features_view_ms']:.1f} ms, count(*) {r['count_ms']:.1f} ms")
+    print(f"\n== {label}: {r['activations']:,} activations; bytes on disk per activation "
+          f"{r['bytes_per_activation']:.2f} as collected, {r['compacted_bytes_per_activation']:.2f} compacted")
+    for prefix, title in (("chunked_", "as collected"), ("", "compacted")):
+        print(f"  {title}:")
+        for name in ("rare", "median", "frequent"):
+            print(f"    {name:8s} feature: top-20 {r[f'{prefix}top20_{name}_ms']:7.1f} ms   "
+                  f"to_json {r[f'{prefix}to_json_{name}_ms']:7.1f} ms")
+        print(f"    features view {r[f'{prefix}features_view_ms']:.1f} ms, count(*) {r[f'{prefix}count_ms']:.1f} ms")
+    print(f"  check (all files): {r['check_cold_s']:.2f} s cold = {r['check_cold_s'] / r['read_cold_s']:.2f}x one cold "
+          f"read ({r['read_cold_s']:.2f} s); {r['check_warm_s']:.2f} s warm = {r['check_warm_s'] / r['read_warm_s']:.2f}x "
+          f"one cached read ({r['read_warm_s']:.2f} s)")
+    print(f"  compact (cold): {r['compact_s']:.2f} s = {r['compact_s'] / r['touched_read_cold_s']:.2f}x one cold read of "
+          f"the files it rewrites ({r['touched_read_cold_s']:.2f} s), {r['compact_s'] / r['decode_cold_s']:.2f}x one cold "
+          f"DuckDB scan decoding all their columns ({r['decode_cold_s']:.2f} s)")
+    print(f"  exports of layer {EXPORT_LAYER} ({r['live_features_layer']} live features), compacted store, one worker:")
     for kind in ("pack", "json", "metadata"):
         ratio = r[f"{kind}_s"] / r["floor_s"]
-        print(f"  export {kind:8s} layer {EXPORT_LAYER}: {r[f'{kind}_s']:7.2f} s, peak RSS {r[f'{kind}_rss_mb']:6.0f} MB, "
-              f"{ratio:.2f}x the floor")
-    print(f"  floor: scan {r['scan_s']:.2f} s + gzip {r['gzip_s']:.2f} s = {r['floor_s']:.2f} s")
-    print(f"  export pack on 2 workers: {r['pack_2w_s']:.2f} s = {r['pack_s'] / r['pack_2w_s']:.2f}x one worker")
-    print(f"  export metadata, all layers: {r['metadata_all_s']:.2f} s, peak RSS {r['metadata_all_rss_mb']:.0f} MB")
-    for name in ("check", "compact"):
-        value = r[f"{name}_s"]
-        text = "not available" if value is None else f"{value:.2f} s = {value / r['read_all_s']:.2f}x one read"
-        print(f"  {name}: {text} (one read of the files: {r['read_all_s']:.2f} s)")
+        print(f"    {kind:8s}: {r[f'{kind}_s']:7.2f} s, peak RSS {r[f'{kind}_rss_mb']:6.0f} MB, {ratio:.2f}x the floor")
+    print(f"    floor: scan {r['scan_s']:.2f} s + gzip of the documents {r['gzip_s']:.2f} s = {r['floor_s']:.2f} s")
+    print(f"    pack on the store as collected: {r['pack_chunked_s']:.2f} s (one run)")
+    print(f"    pack on 2 workers: {r['pack_2w_s']:.2f} s = {r['pack_s'] / r['pack_2w_s']:.2f}x one worker")
+    print(f"    metadata, all layers: {r['metadata_all_s']:.2f} s, peak RSS {r['metadata_all_rss_mb']:.0f} MB")
 
 
 def extrapolate(small: dict, large: dict) -> None:
     """Per layer: t = a + b * activations of the layer, fitted on the two sizes; then 28 layers."""
     print("\n== extrapolation (per layer t = a + b*acts, from the two sizes; x 28 layers, 229,376 features)")
     per_layer = [small["activations"] / N_LAYERS, large["activations"] / N_LAYERS]
-    for kind in ("pack", "json", "metadata"):
+    for kind in ("pack", "json", "metadata", "floor"):
         t0, t1 = small[f"{kind}_s"], large[f"{kind}_s"]
         b = (t1 - t0) / (per_layer[1] - per_layer[0])
         a = t0 - b * per_layer[0]
@@ -262,10 +338,14 @@ def extrapolate(small: dict, large: dict) -> None:
             layer_acts = total / N_LAYERS
             print(f"  {kind:8s} {total:.0e}: 28 x ({a:.2f} s + {b * 1e6:.3f} us x {layer_acts:.3g}) = "
                   f"{N_LAYERS * (a + b * layer_acts) / 60:.1f} min (one process)")
+    for kind, key in (("check", "check_cold_s"), ("compact", "compact_s")):
+        rate = large["activations"] / large[key]
+        print(f"  {kind:8s}: {rate / 1e6:.1f}M activations/s at 4N (cold) -> 1e9: {1e9 / rate / 60:.1f} min, "
+              f"7e9: {7e9 / rate / 60:.1f} min on this machine")
     growth = {k: large[k] / small[k] for k in large if k.endswith("_ms")}
     print("  latency growth N -> 4N: " + ", ".join(f"{k[:-3]} {v:.2f}x" for k, v in growth.items()))
     print("  peak RSS growth N -> 4N: " + ", ".join(f"{k} {large[f'{k}_rss_mb'] / small[f'{k}_rss_mb']:.2f}x"
-                                                   for k in ("pack", "json", "metadata")))
+                                                   for k in ("pack", "json", "metadata", "metadata_all")))
 
 
 def main() -> None:

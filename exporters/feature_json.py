@@ -23,7 +23,7 @@ from featurestore.errors import UserError
 from featurestore.ids import cantor
 
 from .feature_documents import DocumentOptions, Vocabulary, render_block
-from .feature_queries import BlockRows, fetch_block, plan_blocks
+from .feature_queries import BlockRows, fetch_block, files_of, plan_blocks
 from .neuron_examples import check_window_size
 from .pack import DEFAULT_LEVEL, PackSummary, pack_entry, parallel_map, write_pack
 from .staging import staged_directory
@@ -85,11 +85,34 @@ def check_source(store, source: str, layers: list[int] | None) -> list[int]:
     if missing:
         raise UserError(f"layers {missing} were not collected for {source} (collected: {available})")
     store.verify(source, layers)  # re-hash what the export reads: corrupt files are never exported
-    return available if layers is None else sorted(layers)
+    chosen = available if layers is None else sorted(layers)
+    _note_uncompacted(store, source, chosen)
+    return chosen
 
 
-def _plan(store, source: str, layers: list[int] | None) -> list[tuple[int, np.ndarray]]:
-    return [(layer, block) for layer in check_source(store, source, layers) for block in plan_blocks(store, source, layer)]
+UNCOMPACTED_NOTE_FILES = 8  # activation files per layer above which an export says compaction would help
+
+
+def _note_uncompacted(store, source: str, layers: list[int]) -> None:
+    """Each block of an export reads at least one row group from every file of its layer: with many chunk files
+    (``collect --no-compact``, or a collection still running) that is several times the rows it needs."""
+    counts = {layer: len(files_of(store, "activations", source, layer)) for layer in layers}
+    many = {layer: n for layer, n in counts.items() if n > UNCOMPACTED_NOTE_FILES}
+    if many:
+        worst = max(many.values())
+        print(f"note: {len(many)} layer(s) of {store.path} are not compacted (up to {worst} activation files each), so "
+              f"this export reads several times the rows it needs; `featurestore compact {store.path}` merges them once",
+              file=sys.stderr)
+
+
+BLOCKS_PER_WORKER = 4  # a pool cuts each layer into at least this many blocks per worker, so none waits on the last
+
+
+def _plan(store, source: str, layers: list[int], workers: int = 1) -> list[tuple[int, np.ndarray]]:
+    """Blocks of the (checked) layers in pack order: ``BLOCK_ROWS`` each for one process; a pool also wants several
+    blocks per worker in every layer (5 blocks on 2 workers take 3 rounds)."""
+    min_blocks = BLOCKS_PER_WORKER * workers if workers > 1 else 1
+    return [(layer, block) for layer in layers for block in plan_blocks(store, source, layer, min_blocks=min_blocks)]
 
 
 def iter_documents(store, source: str = "transcoder", options: DocumentOptions | None = None,
@@ -97,7 +120,7 @@ def iter_documents(store, source: str = "transcoder", options: DocumentOptions |
     """(layer, feature, document) for every live feature in pack order, in this process."""
     options = options or DocumentOptions()
     tokens, vocab = token_index(store), vocabulary(store)
-    for layer, features in _plan(store, source, layers):
+    for layer, features in _plan(store, source, check_source(store, source, layers)):
         block = fetch_block(store, source, layer, features, options.seed)
         if block is not None:
             for feature, data in render_block(block, options, tokens, vocab):
@@ -150,6 +173,8 @@ def _rendered(store, source, options, layers, mode, level, out_dir, workers, pro
     plan = _plan(store, source, layers)
     total = sum(len(features) for _, features in plan)
     pool_size = workers or (1 if total < POOL_THRESHOLD else os.cpu_count() or 1)  # workers do the reads too
+    if pool_size > 1:
+        plan = _plan(store, source, layers, pool_size)  # cheap: a query of feature_stats per layer
     tokens = token_index(store)
     shared = tempfile.mkdtemp(prefix="featurestore-tokens-") if pool_size > 1 else None
     try:
@@ -185,7 +210,7 @@ def export_json(store, out_dir: str | os.PathLike, *, source: str = "transcoder"
                 layers: list[int] | None = None, workers: int | None = None, progress: bool = True) -> JsonSummary:
     """Write ``out_dir/features/{cantor_id}.json`` for every live feature (the folder appears whole or not at all)."""
     options = options or DocumentOptions()
-    check_source(store, source, layers)
+    layers = check_source(store, source, layers)
     check_window_size(source, options)  # before any work: neuron windows are as wide as collection stored them
     final = Path(out_dir) / "features"
     count = 0
@@ -207,7 +232,7 @@ def export_pack(store, out_dir: str | os.PathLike, *, source: str = "transcoder"
                 workers: int | None = None, progress: bool = True) -> PackSummary:
     """Stream every live feature's document into the circuit-tracer pack; identical bytes on every run."""
     options = options or DocumentOptions()
-    check_source(store, source, layers)
+    layers = check_source(store, source, layers)
     check_window_size(source, options)  # before any work: neuron windows are as wide as collection stored them
     all_layers, n_units = pack_shape(store, source)
 

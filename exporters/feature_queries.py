@@ -60,8 +60,10 @@ def files_of(store, table: str, source: str, layer: int | None) -> list[str]:
     return [str(store.path / f) for f in store.manifest_obj.files(table, source) if f.startswith(prefix)]
 
 
-def tokens_scan(store) -> str:
-    files = [str(store.path / f) for f in store.manifest_obj.files("tokens")]
+def tokens_scan(store, seq_ids=None) -> str:
+    """A FROM clause over the raw ``tokens`` files: all, or those of the chunks holding ``seq_ids``."""
+    files = [str(store.path / f) for f in store.manifest_obj.files("tokens")] if seq_ids is None else \
+        views.sequence_files(store.manifest_obj, "tokens", seq_ids)
     if not files:
         return f"({views.empty_select({'seq_id': 'INTEGER', 'pos': 'INTEGER', 'token_id': 'INTEGER'})})"
     return views.parquet_scan(files, False)
@@ -71,19 +73,31 @@ def source_total_tokens(store, source: str) -> int:
     return int(sum(c["n_tokens"] for c in store.manifest["chunks"] if c["source"] == source))
 
 
-def plan_blocks(store, source: str, layer: int, block_rows: int = BLOCK_ROWS) -> list[np.ndarray]:
-    """Live features of (source, layer), cut into blocks of about ``block_rows`` activations each."""
+def plan_blocks(store, source: str, layer: int, block_rows: int = BLOCK_ROWS, min_blocks: int = 1) -> list[np.ndarray]:
+    """Live features of (source, layer), cut into blocks of about ``block_rows`` activations each, and into at least
+    ``min_blocks`` blocks where the layer is big enough (a process pool balances its workers over them)."""
     if source == "neuron":
-        from .neuron_examples import plan_neuron_blocks
+        from .neuron_examples import neuron_block_sizes
 
-        return plan_neuron_blocks(store, layer, block_rows)
+        features, sizes = neuron_block_sizes(store, layer)
+        return cut_blocks(features, sizes, block_rows, min_blocks, max_features=None)
     counts = store.con.execute("""SELECT feature, sum(n_active) AS n FROM feature_stats
                                   WHERE source = ? AND layer = ? GROUP BY feature HAVING sum(n_active) > 0
                                   ORDER BY feature""", [source, layer]).fetchnumpy()
-    features, sizes = counts["feature"].astype(np.int64), counts["n"].astype(np.int64)
+    return cut_blocks(counts["feature"].astype(np.int64), counts["n"].astype(np.int64), block_rows, min_blocks,
+                      max_features=MAX_BLOCK_FEATURES)
+
+
+MIN_SPLIT_ROWS = 50_000  # blocks cut for ``min_blocks`` stay at least this big: each costs a scan and a query
+
+
+def cut_blocks(features: np.ndarray, sizes: np.ndarray, block_rows: int, min_blocks: int = 1,
+               max_features: int | None = None) -> list[np.ndarray]:
+    if min_blocks > 1:
+        block_rows = min(block_rows, max(MIN_SPLIT_ROWS, -(-int(sizes.sum()) // min_blocks)))
     blocks, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and (total + size > block_rows or i - start >= MAX_BLOCK_FEATURES):
+    for i, size in enumerate(sizes.tolist()):
+        if i > start and (total + size > block_rows or (max_features is not None and i - start >= max_features)):
             blocks.append(features[start:i])
             start, total = i, 0
         total += size

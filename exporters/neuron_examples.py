@@ -42,24 +42,15 @@ def window_settings(store) -> dict:
     return settings
 
 
-def plan_neuron_blocks(store, layer: int, block_rows: int) -> list[np.ndarray]:
-    """Neurons of a layer, cut into blocks of about ``block_rows`` stored window values each."""
+def neuron_block_sizes(store, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """(neurons, stored window values of each) of a layer: what its blocks are cut by."""
     files = window_files(store, layer)
     if not files:
         window_settings(store)  # a store collected before windows were stored: a one-line error, not 0 documents
-        return []
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
     counts = store.con.cursor().execute(f"""SELECT feature, sum(len(acts)) AS n FROM read_parquet({views.sql_list(files)})
                                             GROUP BY feature ORDER BY feature""").fetchnumpy()
-    features, sizes = counts["feature"].astype(np.int64), counts["n"].astype(np.int64)
-    blocks, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        if i > start and total + size > block_rows:
-            blocks.append(features[start:i])
-            start, total = i, 0
-        total += size
-    if start < len(features):
-        blocks.append(features[start:])
-    return blocks
+    return counts["feature"].astype(np.int64), counts["n"].astype(np.int64)
 
 
 def fetch_neuron_rows(store, layer: int, features: np.ndarray, seed: int) -> tuple[dict, dict]:

@@ -29,7 +29,8 @@ class TokenIndex:
             where = f"WHERE seq_id IN ({wanted})" if len(seq_ids) else "WHERE false"
         con = store.con.cursor()
         try:
-            columns = con.execute(f"SELECT seq_id, token_id FROM {tokens_scan(store)} {where} ORDER BY seq_id, pos").fetchnumpy()
+            columns = con.execute(f"SELECT seq_id, token_id FROM {tokens_scan(store, seq_ids)} {where} "
+                                  "ORDER BY seq_id, pos").fetchnumpy()
         finally:
             con.close()
         seqs = np.asarray(columns["seq_id"], dtype=np.int64)

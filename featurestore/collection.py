@@ -210,7 +210,7 @@ class ChunkWriter:
         table = table.sort_by([("feature", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")])
         rel = f"{schema.partition_dir('activations', self.source, layer)}/{chunk_file_name(chunk, part, attempt)}"
         # Small row groups let per-feature reads skip most of a file through min/max statistics on `feature`.
-        return self._write(table, rel, row_group_size=schema.ACTIVATION_ROW_GROUP)
+        return self._write(table, rel, row_group_size=schema.ACTIVATION_ROW_GROUP, **schema.ACTIVATION_PARQUET)
 
     def write_stats(self, chunk: int, layer: int, stats, attempt: str | None = None) -> str:
         count, total, peak = stats
@@ -238,7 +238,8 @@ class ChunkWriter:
                 rel = f"{schema.partition_dir(name, self.source, layer)}/{chunk_file_name(record['chunk'], None, attempt)}"
                 files[name].append(self._write(table, rel))
         for name, table in tables.items():
-            files[name] = [self._write(table, f"{name}/{chunk_file_name(record['chunk'], None, attempt)}")]
+            options = {"row_group_size": schema.TOKENS_ROW_GROUP} if name == "tokens" else {}
+            files[name] = [self._write(table, f"{name}/{chunk_file_name(record['chunk'], None, attempt)}", **options)]
         record["hashes"] = {rel: self.hashes.pop(rel) for rel_list in files.values() for rel in rel_list}
         if self.commit is not None:
             record["committed"] = now()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
@@ -34,6 +35,7 @@ from .storage import HashingFile, _fsync_dir, is_remote, store_path, temp_path, 
 
 GROUP_ROWS = 1 << 16  # rows per row group: a range of whole features (a bigger feature spans several groups)
 FILE_ROWS = 1 << 26  # rows per compacted file (~0.5 GB)
+MAX_FEATURE = (1 << 31) - 1  # feature ids are int32: the last range ends here
 SORT_KEYS = [("feature", "ascending"), ("seq_id", "ascending"), ("pos", "ascending")]
 
 
@@ -110,24 +112,27 @@ def compact_layer(manifest: Manifest, source: str, layer: int, inputs: list[str]
     directory = schema.partition_dir("activations", source, layer)
     hashes: dict[str, list] = {}
 
-    counts = _feature_counts(root, inputs)
-    outputs = []
+    stats = _merged_stats(root, stats_inputs)
+    counts = _planning_counts(root, source, inputs, stats)
+    outputs, rows = [], 0
     writer = _Output(root, f"{directory}/compact-g{generation:04d}", hashes)
     try:
         cursors = [_Cursor(_open_parquet(root / rel)) for rel in inputs]
         for lo, hi in feature_ranges(counts, GROUP_ROWS):
             pieces = [piece for cursor in cursors if (piece := cursor.take_below(lo, hi)) is not None]
             if pieces:
-                group = sort_rows(pa.concat_tables(pieces), lo, hi)
+                # one piece is one file's run, already in (feature, seq_id, pos) order
+                group = pieces[0] if len(pieces) == 1 else sort_rows(pa.concat_tables(pieces))
                 writer.write(group)
                 bar.update(group.num_rows)
+                rows += group.num_rows
         outputs = writer.close()
     finally:
         writer.abort()
 
     stats_rel = f"{schema.partition_dir('feature_stats', source, layer)}/compact-g{generation:04d}.parquet"
     info = {}
-    write_parquet_atomic(_merged_stats(root, stats_inputs), root / stats_rel, info=info)
+    write_parquet_atomic(stats, root / stats_rel, info=info)
     hashes[stats_rel] = [info["size"], info["sha256"]]
 
     old = set(inputs + stats_inputs)
@@ -136,7 +141,7 @@ def compact_layer(manifest: Manifest, source: str, layer: int, inputs: list[str]
                 old, hashes)
     for rel in sorted(old):
         (root / rel).unlink(missing_ok=True)
-    return int(counts.sum())
+    return rows
 
 
 def _commit(manifest: Manifest, source: str, layer: int, entry: dict, old: set[str], hashes: dict) -> None:
@@ -163,32 +168,32 @@ def _commit(manifest: Manifest, source: str, layer: int, entry: dict, old: set[s
 
 
 def feature_ranges(counts: np.ndarray, group_rows: int) -> list[tuple[int, int]]:
-    """[lo, hi) feature ranges of about ``group_rows`` rows each (a bigger feature is a range alone)."""
+    """Contiguous [lo, hi) feature ranges of about ``group_rows`` rows each (a bigger feature is a range alone),
+    from 0 to past any feature id, so that every row falls in one even where ``counts`` only estimates."""
     live = np.flatnonzero(counts)
-    if not len(live):
-        return []
-    ranges, start, total = [], None, 0
+    ranges, start, total = [], 0, 0
     for feature in live:
         n = int(counts[feature])
-        if start is not None and total + n > group_rows:
+        if total and total + n > group_rows:
             ranges.append((start, int(feature)))
-            start, total = None, 0
-        if start is None:
-            start = int(feature)
+            start, total = int(feature), 0
         total += n
-    if start is not None:
-        ranges.append((start, int(live[-1]) + 1))
+    ranges.append((start, MAX_FEATURE))
     return ranges
 
 
-def sort_rows(table: pa.Table, lo: int, hi: int) -> pa.Table:
-    """Rows of features [lo, hi) sorted by (feature, seq_id, pos): one packed 64-bit key when it fits (the input
-    is a concatenation of sorted runs, which a stable sort merges fast), else Arrow's multi-key sort."""
+def sort_rows(table: pa.Table) -> pa.Table:
+    """Rows sorted by (feature, seq_id, pos): one packed 64-bit key when it fits (the input is a concatenation of
+    sorted runs, which a stable sort merges fast), else Arrow's multi-key sort."""
+    if table.num_rows == 0:
+        return table
+    feature = table.column("feature").to_numpy().astype(np.int64)
     seq = table.column("seq_id").to_numpy().astype(np.uint64)
     pos = table.column("pos").to_numpy().astype(np.uint64)
-    if table.num_rows == 0 or hi - lo > 1 << 13 or seq.max() >= 1 << 31 or pos.max() >= 1 << 20:
+    lowest = int(feature.min())
+    if int(feature.max()) - lowest >= 1 << 13 or seq.max() >= 1 << 31 or pos.max() >= 1 << 20:
         return table.sort_by(SORT_KEYS)
-    rank = (table.column("feature").to_numpy().astype(np.int64) - lo).astype(np.uint64)
+    rank = (feature - lowest).astype(np.uint64)
     return table.take(np.argsort((rank << np.uint64(51)) | (seq << np.uint64(20)) | pos, kind="stable"))
 
 
@@ -196,6 +201,17 @@ def _open_parquet(path) -> pq.ParquetFile:
     if is_remote(path):
         return pq.ParquetFile(path.filesystem.open_input_file(path.key))
     return pq.ParquetFile(path)
+
+
+def _planning_counts(root, source: str, inputs: list[str], stats: pa.Table) -> np.ndarray:
+    """Rows per feature, to cut the layer into row groups. Transcoder statistics count exactly the stored rows, so
+    they save a read of the ``feature`` column; neuron statistics count every positive activation, more than the
+    stored rows, so neurons count the column itself."""
+    if source != "transcoder":
+        return _feature_counts(root, inputs)
+    counts = np.zeros(int(pc.max(stats.column("feature")).as_py() or 0) + 1 if stats.num_rows else 0, np.int64)
+    counts[stats.column("feature").to_numpy()] = stats.column("n_active").to_numpy()
+    return counts
 
 
 def _feature_counts(root, inputs: list[str]) -> np.ndarray:
@@ -265,8 +281,7 @@ class _Output:
             self.tmp = temp_path(Path(path))
             self.handle = open(self.tmp, "wb")
         self.sink = HashingFile(self.handle)
-        # no dictionary pages: 5x faster to write and ~25% smaller for these (mostly unique) values
-        self.writer = pq.ParquetWriter(self.sink, schema.ACTIVATIONS, compression="zstd", use_dictionary=False)
+        self.writer = pq.ParquetWriter(self.sink, schema.ACTIVATIONS, **schema.ACTIVATION_PARQUET)
         self.files.append(rel)
         self.rows = 0
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
-from . import neuron_windows
+from . import neuron_windows, views
 from .errors import UserError
 from .ids import cantor
 from .text import merge_partial_bytes
@@ -199,8 +199,9 @@ class Feature:
                            "hi": pa.array([r[1] + after for r in rows], pa.int32())})
         con.register("_wanted_windows", wanted)
         try:
-            token_rows = con.execute(
-                "SELECT DISTINCT t.seq_id, t.pos, t.token_id, t.token, t.region, v.raw FROM tokens t "
+            token_rows = con.execute(  # only the chunks holding these sequences: not a scan of every token
+                f"SELECT DISTINCT t.seq_id, t.pos, t.token_id, t.token, t.region, v.raw "
+                f"FROM ({views.tokens_select(self.store.manifest_obj, seq_ids)}) t "
                 "JOIN _wanted_windows w ON t.seq_id = w.seq_id AND t.pos BETWEEN w.lo AND w.hi "
                 "LEFT JOIN vocab v ON v.token_id = t.token_id ORDER BY t.seq_id, t.pos").fetchall()
             domains = dict(con.execute(

@@ -86,6 +86,12 @@ LOGIT_LENS = pa.schema([  # partitioned by source, layer
 ])
 
 ACTIVATION_ROW_GROUP = 65536
+TOKENS_ROW_GROUP = 65536  # ~13 traces of 5,000 tokens: a window lookup reads the groups of its sequences only
+# Activation files (chunks and compacted): no dictionary pages (the values are mostly unique, so a dictionary only
+# costs) and delta-packed integer columns (sorted features and near-sorted positions pack to a few bits). Measured
+# on a full-width layer: 6.0 instead of 7.7 bytes per row, 3.5x faster to write, DuckDB reads as fast.
+ACTIVATION_PARQUET = {"compression": "zstd", "use_dictionary": False,
+                      "column_encoding": {name: "DELTA_BINARY_PACKED" for name in ("feature", "seq_id", "pos")}}
 
 PARTITION_TYPES = {"source": "VARCHAR", "layer": "INTEGER"}
 

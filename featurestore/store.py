@@ -29,9 +29,7 @@ class Store:
     def con(self) -> duckdb.DuckDBPyConnection:
         """The library's own connection with every view (exports and the API read through it)."""
         if self._con is None:
-            con = duckdb.connect()
-            views.register(con, self.manifest_obj)
-            self._con = con
+            self._con = views.connect(self.manifest_obj)
         return self._con
 
     @property
@@ -66,9 +64,7 @@ class Store:
         """Run a read-only query over the store's views (and any local file it names); statements that could write,
         attach, install or reconfigure are refused with a ``UserError`` (see ``featurestore.readonly``)."""
         if self._reader is None:
-            reader = duckdb.connect()
-            views.register(reader, self.manifest_obj)
-            self._reader = readonly.lock(reader)
+            self._reader = readonly.lock(views.connect(self.manifest_obj))
         readonly.check_read_only(query, self._reader)
         try:
             return self._reader.sql(query, params=params)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 
 from . import schema, storage
@@ -72,6 +73,39 @@ def activation_scan(manifest: Manifest, source: str, layer: int) -> str:
     return f"read_parquet({sql_list(files)})"
 
 
+def sequence_files(manifest: Manifest, table: str, seq_ids) -> list[str]:
+    """Absolute paths of the ``tokens`` or ``sequences`` files of the chunks holding any of ``seq_ids`` (each
+    chunk records its [first, last + 1) rows): a window lookup reads a few files, not one per chunk of the store."""
+    wanted = np.unique(np.asarray(list(seq_ids) if not isinstance(seq_ids, np.ndarray) else seq_ids, dtype=np.int64))
+    files = []
+    for record in sorted(manifest.chunks, key=lambda c: (c["chunk"], c["source"])):
+        first, stop = record.get("rows") or (0, 1 << 62)  # a record without its range: always read
+        if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):  # some wanted id in [first, stop)
+            files.extend(str(manifest.root / rel) for rel in record["files"].get(table, []))
+    return files
+
+
+def tokens_select(manifest: Manifest, seq_ids=None) -> str:
+    """The ``tokens`` view's rows (with ``token``, ``region`` as text), over every chunk or only those holding
+    ``seq_ids``."""
+    files = [str(manifest.root / f) for f in manifest.files("tokens")] if seq_ids is None else \
+        sequence_files(manifest, "tokens", seq_ids)
+    raw = f"SELECT {', '.join(schema_columns(schema.TOKENS))} FROM {parquet_scan(files, False)}" if files else \
+        empty_select(schema_columns(schema.TOKENS))
+    return f"""SELECT t.seq_id, t.pos, t.token_id, v.token, t.region::VARCHAR AS region, t.thinking_pos
+        FROM ({raw}) t LEFT JOIN vocab v USING (token_id)"""
+
+
+def connect(manifest: Manifest) -> duckdb.DuckDBPyConnection:
+    """A connection with every view. Store files are immutable (a rewrite gets a new name), so their Parquet footers
+    are cached across queries: a compacted layer of 250M rows has thousands of row groups, whose footer would
+    otherwise be parsed again by every per-feature query."""
+    con = duckdb.connect()
+    con.execute("SET parquet_metadata_cache = true")
+    register(con, manifest)
+    return con
+
+
 def register(con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
     root = manifest.root
     if storage.is_remote(root):
@@ -80,9 +114,7 @@ def register(con: duckdb.DuckDBPyConnection, manifest: Manifest) -> None:
     vocab_sql = f"SELECT * FROM read_parquet('{vocab}')" if vocab.exists() else empty_select(schema_columns(schema.VOCAB))
     con.execute(f"CREATE OR REPLACE VIEW vocab AS {vocab_sql}")
     con.execute(f"CREATE OR REPLACE VIEW sequences AS {_table_select(manifest, 'sequences', schema.SEQUENCES, False)}")
-    con.execute(f"""CREATE OR REPLACE VIEW tokens AS
-        SELECT t.seq_id, t.pos, t.token_id, v.token, t.region::VARCHAR AS region, t.thinking_pos
-        FROM ({_table_select(manifest, 'tokens', schema.TOKENS, False)}) t LEFT JOIN vocab v USING (token_id)""")
+    con.execute(f"CREATE OR REPLACE VIEW tokens AS {tokens_select(manifest)}")
     con.execute(f"CREATE OR REPLACE VIEW activations AS {_table_select(manifest, 'activations', schema.ACTIVATIONS, True)}")
     con.execute(f"CREATE OR REPLACE VIEW feature_stats AS {_table_select(manifest, 'feature_stats', schema.FEATURE_STATS, True)}")
     con.execute(f"CREATE OR REPLACE VIEW neuron_windows AS "  # neurons' example windows (featurestore/neuron_windows.py)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -134,3 +135,28 @@ def test_completed_collection_compacts(tiny, reference):
     store = tiny["store_path"]
     assert all("/compact-g0001-" in f for f in activation_files(store))
     assert snapshot(store) == reference
+
+
+def test_feature_ranges_cover_every_feature_id_even_unplanned_ones():
+    counts = np.zeros(50, np.int64)
+    counts[[3, 4, 10, 40]] = [5, 5, 7, 1]
+    ranges = compaction.feature_ranges(counts, group_rows=7)
+    assert ranges == [(0, 4), (4, 10), (10, 40), (40, compaction.MAX_FEATURE)]  # contiguous: a row of feature 7 or 60 falls in one
+    assert compaction.feature_ranges(np.zeros(0, np.int64), 10) == [(0, compaction.MAX_FEATURE)]
+
+
+def test_export_of_an_uncompacted_layer_says_compaction_would_help(chunked, tmp_path, monkeypatch, capsys):
+    from exporters import feature_json
+
+    store = tmp_path / "store"
+    shutil.copytree(chunked, store)
+    monkeypatch.setattr(feature_json, "UNCOMPACTED_NOTE_FILES", 1)  # the tiny store has a few chunks per layer
+    assert main(["export", "json", str(store), "--out", str(tmp_path / "a"), "--layers", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "1 layer(s)" in err and f"featurestore compact {store}" in err
+    assert main(["compact", str(store)]) == 0
+    capsys.readouterr()
+    assert main(["export", "json", str(store), "--out", str(tmp_path / "b"), "--layers", "1"]) == 0
+    assert "not compacted" not in capsys.readouterr().err
+    first, second = (sorted((p.name, p.read_bytes()) for p in (tmp_path / d / "features").iterdir()) for d in "ab")
+    assert first == second  # and compaction changed no document
