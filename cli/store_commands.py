@@ -179,7 +179,8 @@ def compact(store):
     from featurestore.compaction import compact as compact_store
 
     summary = compact_store(store)
-    click.echo(f"compacted {summary['layers']} layers ({summary['rows']:,} activations) in {store}")
+    tokens = f" and {summary['tokens_files']} tokens files into one" if summary.get("tokens_files") else ""
+    click.echo(f"compacted {summary['layers']} layers ({summary['rows']:,} activations){tokens} in {store}")
 
 
 def register(group: click.Group) -> None:

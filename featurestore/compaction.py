@@ -48,7 +48,8 @@ def compact(location, progress: bool = True) -> dict:
 
 def compact_locked(manifest: Manifest, progress: bool = True, workers: int | None = None) -> dict:
     """Compact a store whose writer lock the caller holds, ``workers`` layers at a time (Arrow, zstd and the sort
-    release the GIL); returns {"layers": n compacted, "rows": n rows}."""
+    release the GIL), then the tokens files (``tokens_compaction``); returns {"layers": n compacted, "rows": n rows,
+    "tokens_files": n tokens files merged}."""
     checks.quick_check(manifest, progress)
     jobs = []
     for source in manifest.sources():
@@ -57,7 +58,7 @@ def compact_locked(manifest: Manifest, progress: bool = True, workers: int | Non
             if _needs_compaction(manifest, source, layer):
                 jobs.append((source, layer, _layer_files(manifest, "activations", source, layer),
                              _layer_files(manifest, "feature_stats", source, layer)))
-    total = sum(_open_parquet(manifest.root / rel).metadata.num_rows for job in jobs for rel in job[2])
+    total = sum(open_parquet(manifest.root / rel).metadata.num_rows for job in jobs for rel in job[2])
     bar = tqdm(total=total, unit="row", unit_scale=True, desc="compact", disable=not progress or not jobs, file=sys.stderr)
     lock = threading.Lock()
     try:
@@ -65,7 +66,11 @@ def compact_locked(manifest: Manifest, progress: bool = True, workers: int | Non
             rows = list(pool.map(lambda job: compact_layer(manifest, *job, bar=bar, lock=lock), jobs))
     finally:
         bar.close()
-    return {"layers": len(jobs), "rows": sum(rows)}
+    from . import tokens_compaction  # imports this module's Output
+
+    tokens_compaction.remove_unlisted(manifest)
+    merged = tokens_compaction.compact_tokens(manifest) if tokens_compaction.needs_compaction(manifest) else 0
+    return {"layers": len(jobs), "rows": sum(rows), "tokens_files": merged}
 
 
 def _layers(manifest: Manifest, source: str) -> list[int]:
@@ -115,9 +120,9 @@ def compact_layer(manifest: Manifest, source: str, layer: int, inputs: list[str]
     stats = _merged_stats(root, stats_inputs)
     counts = _planning_counts(root, source, inputs, stats)
     outputs, rows = [], 0
-    writer = _Output(root, f"{directory}/compact-g{generation:04d}", hashes)
+    writer = Output(root, f"{directory}/compact-g{generation:04d}", hashes)
     try:
-        cursors = [_Cursor(_open_parquet(root / rel)) for rel in inputs]
+        cursors = [_Cursor(open_parquet(root / rel)) for rel in inputs]
         for lo, hi in feature_ranges(counts, GROUP_ROWS):
             pieces = [piece for cursor in cursors if (piece := cursor.take_below(lo, hi)) is not None]
             if pieces:
@@ -197,7 +202,7 @@ def sort_rows(table: pa.Table) -> pa.Table:
     return table.take(np.argsort((rank << np.uint64(51)) | (seq << np.uint64(20)) | pos, kind="stable"))
 
 
-def _open_parquet(path) -> pq.ParquetFile:
+def open_parquet(path) -> pq.ParquetFile:
     if is_remote(path):
         return pq.ParquetFile(path.filesystem.open_input_file(path.key))
     return pq.ParquetFile(path)
@@ -217,7 +222,7 @@ def _planning_counts(root, source: str, inputs: list[str], stats: pa.Table) -> n
 def _feature_counts(root, inputs: list[str]) -> np.ndarray:
     counts = np.zeros(0, np.int64)
     for rel in inputs:
-        column = _open_parquet(root / rel).read(columns=["feature"]).column(0).to_numpy()
+        column = open_parquet(root / rel).read(columns=["feature"]).column(0).to_numpy()
         if len(column):
             found = np.bincount(column.astype(np.int64))
             if len(found) > len(counts):
@@ -254,21 +259,25 @@ class _Cursor:
         return table.slice(0, split) if split else None
 
 
-class _Output:
-    """Compacted files of a layer: one row group per feature range, a new file every ``FILE_ROWS`` rows; each
-    written under a temporary name (or one object-store upload) and hashed while written."""
+class Output:
+    """Compacted files of a table (activations: one row group per feature range, a new file every ``FILE_ROWS``
+    rows; ``file_rows=None``: one file); each written under a temporary name (or one object-store upload) and hashed
+    while written."""
 
-    def __init__(self, root, stem: str, hashes: dict):
+    def __init__(self, root, stem: str, hashes: dict, table_schema: pa.Schema = schema.ACTIVATIONS,
+                 options: dict | None = None, group_rows: int = GROUP_ROWS, file_rows: int | None = FILE_ROWS):
         self.root, self.stem, self.hashes = root, stem, hashes
+        self.table_schema, self.options = table_schema, options if options is not None else schema.ACTIVATION_PARQUET
+        self.group_rows, self.file_rows = group_rows, file_rows
         self.files: list[str] = []
         self.writer = self.handle = self.sink = self.tmp = None
         self.rows = 0
 
     def write(self, group: pa.Table) -> None:
-        if self.writer is None or self.rows >= FILE_ROWS:
+        if self.writer is None or (self.file_rows is not None and self.rows >= self.file_rows):
             self._finish()
             self._start()
-        self.writer.write_table(group, row_group_size=GROUP_ROWS)
+        self.writer.write_table(group, row_group_size=self.group_rows)
         self.rows += group.num_rows
 
     def _start(self) -> None:
@@ -281,7 +290,7 @@ class _Output:
             self.tmp = temp_path(Path(path))
             self.handle = open(self.tmp, "wb")
         self.sink = HashingFile(self.handle)
-        self.writer = pq.ParquetWriter(self.sink, schema.ACTIVATIONS, **schema.ACTIVATION_PARQUET)
+        self.writer = pq.ParquetWriter(self.sink, self.table_schema, **self.options)
         self.files.append(rel)
         self.rows = 0
 
@@ -318,7 +327,7 @@ def _merged_stats(root, inputs: list[str]) -> pa.Table:
     size = 0
     n_active = sum_act = max_act = None
     for rel in inputs:
-        table = _open_parquet(root / rel).read()
+        table = open_parquet(root / rel).read()
         feature = table.column("feature").to_numpy().astype(np.int64)
         if not len(feature):
             continue

@@ -98,6 +98,7 @@ class Manifest:
         for layers in self.data.get("compacted", {}).values():
             for entry in layers.values():
                 out.extend(entry["activations"] + entry["feature_stats"])
+        out.extend((self.data.get("compacted_tokens") or {}).get("files", []))
         return out
 
     def hashes(self) -> dict[str, list]:
@@ -119,11 +120,15 @@ class Manifest:
         return {c["chunk"] for c in self.chunks if c["source"] == source}
 
     def has_tokens(self, chunk: int) -> bool:
+        if chunk in (self.data.get("compacted_tokens") or {}).get("chunks", []):
+            return True
         return any(c["chunk"] == chunk and c["files"].get("tokens") for c in self.chunks)
 
     def files(self, table: str, source: str | None = None) -> list[str]:
         """Committed files of a table, relative to the store root, in chunk order."""
         out = []
+        if table == "tokens":  # compacted tokens first (featurestore.tokens_compaction)
+            out.extend((self.data.get("compacted_tokens") or {}).get("files", []))
         if table in ("activations", "feature_stats"):  # compacted layers first (featurestore.compaction)
             for name, layers in sorted(self.data.get("compacted", {}).items()):
                 if source is None or name == source:

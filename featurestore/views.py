@@ -74,10 +74,14 @@ def activation_scan(manifest: Manifest, source: str, layer: int) -> str:
 
 
 def sequence_files(manifest: Manifest, table: str, seq_ids) -> list[str]:
-    """Absolute paths of the ``tokens`` or ``sequences`` files of the chunks holding any of ``seq_ids`` (each
-    chunk records its [first, last + 1) rows): a window lookup reads a few files, not one per chunk of the store."""
+    """Absolute paths of the ``tokens`` or ``sequences`` files holding any of ``seq_ids`` (each chunk, and the
+    compacted tokens file, records its [first, last + 1) rows): a window lookup reads a few files, not all."""
     wanted = np.unique(np.asarray(list(seq_ids) if not isinstance(seq_ids, np.ndarray) else seq_ids, dtype=np.int64))
     files = []
+    compacted = (manifest.data.get("compacted_tokens") or {}) if table == "tokens" else {}
+    for rel, (first, stop) in zip(compacted.get("files", []), compacted.get("rows", [])):
+        if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):
+            files.append(str(manifest.root / rel))
     for record in sorted(manifest.chunks, key=lambda c: (c["chunk"], c["source"])):
         first, stop = record.get("rows") or (0, 1 << 62)  # a record without its range: always read
         if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):  # some wanted id in [first, stop)

@@ -36,6 +36,10 @@ def activation_files(path) -> list[str]:
     return sorted(p.relative_to(path).as_posix() for p in (path / "activations").rglob("*") if p.is_file())
 
 
+def token_files(path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in (path / "tokens").glob("*") if p.is_file())
+
+
 @pytest.fixture(scope="module")
 def chunked(tiny, tmp_path_factory):
     path = tmp_path_factory.mktemp("chunked") / "store"
@@ -70,25 +74,46 @@ def test_compaction_changes_no_view_and_sorts_by_feature_ranges(chunked, referen
         assert keys == sorted(keys)
     stats = fs.open(store).sql("SELECT count(*), count(DISTINCT (layer, feature)) FROM feature_stats").fetchall()
     assert stats[0][0] == stats[0][1]  # one row per feature
+    assert len(token_files(chunked)) > 1 and token_files(store) == ["tokens/compact-g0001-000.parquet"]
+    tokens = pq.ParquetFile(store / "tokens/compact-g0001-000.parquet")
+    keys = list(zip(*(tokens.read().column(c).to_pylist() for c in ("seq_id", "pos"))))
+    assert keys == sorted(keys) and len(set(keys)) == len(keys)  # one sorted run, nothing twice
+    manifest = fs.open(store).manifest_obj
+    assert all(manifest.has_tokens(record["chunk"]) for record in manifest.chunks)
     assert main(["compact", str(store)]) == 0  # nothing left to do: no change
     assert "compacted 0 layers" in capsys.readouterr().out
 
 
 KILL_POINTS = {
     # after the first compacted group of layer 1 was written (layer 0 already committed)
-    "mid-layer": "orig = C._Output.write\n"
+    "mid-layer": "orig = C.Output.write\n"
                  "n = [0]\n"
                  "def write(self, group):\n"
                  "    orig(self, group)\n"
                  "    if '/layer=1/' in self.stem:\n"
                  "        kill()\n"
-                 "C._Output.write = write\n",
+                 "C.Output.write = write\n",
     # a layer's manifest rewrite done, its old chunk files not yet deleted
     "after-commit": "orig = C._commit\n"
                     "def commit(*args):\n"
                     "    orig(*args)\n"
                     "    kill()\n"
                     "C._commit = commit\n",
+    # the tokens file half written (every layer committed)
+    "mid-tokens": "orig = C.Output.write\n"
+                  "def write(self, group):\n"
+                  "    orig(self, group)\n"
+                  "    if self.stem.startswith('tokens/'):\n"
+                  "        kill()\n"
+                  "C.Output.write = write\n",
+    # the tokens' manifest rewrite done, the chunks' tokens files not yet deleted
+    "after-tokens-commit": "import featurestore.checks as K\n"
+                           "orig = K.remember\n"
+                           "def remember(manifest, rels):\n"
+                           "    orig(manifest, rels)\n"
+                           "    if any(rel.startswith('tokens/') for rel in rels):\n"
+                           "        kill()\n"
+                           "K.remember = remember\n",
     # the manifest's temporary written, not yet renamed over the manifest
     "mid-manifest-write": "import os\n"
                           "orig = os.replace\n"
@@ -114,6 +139,7 @@ def test_sigkill_mid_compaction_then_rerun(chunked, reference, tmp_path, point):
     assert snapshot(store) == reference
     assert check_store(store, progress=False) == []  # leftovers of the killed run are gone
     assert all("/compact-g" in f for f in activation_files(store))
+    assert token_files(store) == ["tokens/compact-g0001-000.parquet"]
 
 
 def test_chunks_committed_after_compaction_stay_readable(tiny, reference, tmp_path):
@@ -128,6 +154,7 @@ def test_chunks_committed_after_compaction_stay_readable(tiny, reference, tmp_pa
     compaction.compact(store, progress=False)
     assert snapshot(store) == reference
     assert all("/compact-g0002-" in f for f in activation_files(store))
+    assert token_files(store) == ["tokens/compact-g0002-000.parquet"]
     assert check_store(store, progress=False) == []
 
 
@@ -160,3 +187,37 @@ def test_export_of_an_uncompacted_layer_says_compaction_would_help(chunked, tmp_
     assert "not compacted" not in capsys.readouterr().err
     first, second = (sorted((p.name, p.read_bytes()) for p in (tmp_path / d / "features").iterdir()) for d in "ab")
     assert first == second  # and compaction changed no document
+
+
+def test_window_lookups_read_only_the_files_of_their_sequences(chunked, tmp_path):
+    from exporters.token_index import TokenIndex
+    from featurestore.views import sequence_files
+
+    store = tmp_path / "store"
+    shutil.copytree(chunked, store)
+    handle = fs.open(store)
+    records = sorted(handle.manifest["chunks"], key=lambda c: c["chunk"])
+    first = records[1]["rows"][0]
+    assert sequence_files(handle.manifest_obj, "tokens", [first]) == [str(store / records[1]["files"]["tokens"][0])]
+    whole = TokenIndex.load(handle)
+    one = TokenIndex.load(handle, np.array([first]))
+    length = int(whole.seq_len[first])
+    assert one.seq_len[first] == length and length > 0
+    assert (one.token_ids[one.seq_start[first]:][:length] == whole.token_ids[whole.seq_start[first]:][:length]).all()
+    compaction.compact(store, progress=False)
+    handle = fs.open(store)
+    assert sequence_files(handle.manifest_obj, "tokens", [first]) == [str(store / "tokens/compact-g0001-000.parquet")]
+    assert sequence_files(handle.manifest_obj, "tokens", [10 ** 9]) == []
+    again = TokenIndex.load(handle, np.array([first]))
+    assert (again.token_ids[again.seq_start[first]:][:length] == one.token_ids[one.seq_start[first]:][:length]).all()
+
+
+def test_a_second_source_after_tokens_compaction_writes_no_tokens_again(tiny, tmp_path):
+    store = tmp_path / "store"
+    args = dict(chunk_size=8, batch_tokens=512, progress=False)
+    fs.collect(str(tiny["model"]), str(tiny["data"]), store, **args)  # compacts, tokens included
+    before = fs.open(store).sql("SELECT count(*), count(DISTINCT (seq_id, pos)) FROM tokens").fetchall()[0]
+    assert token_files(store) == ["tokens/compact-g0001-000.parquet"] and before[0] == before[1]
+    fs.collect(str(tiny["model"]), str(tiny["data"]), store, source="neuron", neurons_per_layer=4, compact=False, **args)
+    assert token_files(store) == ["tokens/compact-g0001-000.parquet"]
+    assert fs.open(store).sql("SELECT count(*), count(DISTINCT (seq_id, pos)) FROM tokens").fetchall()[0] == before
