@@ -283,7 +283,7 @@ def exports(store_dir: Path, runs: int, workers: int, scratch: Path, r: dict) ->
     r["metadata_all_s"], r["metadata_all_rss_mb"] = all_meta["wall"], all_meta["rss_mb"]
 
 
-def measure(store_dir: Path, runs: int, workers: int, scratch: Path) -> dict:
+def measure(store_dir: Path, runs: int, workers: int, scratch: Path, with_exports: bool = True) -> dict:
     """The store as collected (``--no-compact``, or a collection still running), then compacted (what ``collect``
     leaves by default): latencies on both, check and compact, and the exports on the compacted store."""
     import featurestore as fs
@@ -293,12 +293,14 @@ def measure(store_dir: Path, runs: int, workers: int, scratch: Path) -> dict:
     size = sum(p.stat().st_size for p in store_dir.rglob("*") if p.is_file())
     r = {"activations": acts, "bytes_per_activation": size / acts}
     latencies(store_dir, runs, "chunked_", r)
-    r["pack_chunked_s"] = run_child("pack", store_dir, scratch / "pack", EXPORT_LAYER, 1)["wall"]
+    if with_exports:
+        r["pack_chunked_s"] = run_child("pack", store_dir, scratch / "pack", EXPORT_LAYER, 1)["wall"]
     compacted = scratch.parent / f"{store_dir.name}-compacted"
     check_and_compact(store_dir, compacted, runs, r)
     r["compacted_bytes_per_activation"] = sum(p.stat().st_size for p in compacted.rglob("*") if p.is_file()) / acts
     latencies(compacted, runs, "", r)
-    exports(compacted, runs, workers, scratch, r)
+    if with_exports:
+        exports(compacted, runs, workers, scratch, r)
     shutil.rmtree(compacted, ignore_errors=True)
     return r
 
@@ -318,6 +320,8 @@ def report(label: str, r: dict) -> None:
     print(f"  compact (cold): {r['compact_s']:.2f} s = {r['compact_s'] / r['touched_read_cold_s']:.2f}x one cold read of "
           f"the files it rewrites ({r['touched_read_cold_s']:.2f} s), {r['compact_s'] / r['decode_cold_s']:.2f}x one cold "
           f"DuckDB scan decoding all their columns ({r['decode_cold_s']:.2f} s)")
+    if "pack_s" not in r:
+        return
     print(f"  exports of layer {EXPORT_LAYER} ({r['live_features_layer']} live features), compacted store, one worker:")
     for kind in ("pack", "json", "metadata"):
         ratio = r[f"{kind}_s"] / r["floor_s"]
@@ -333,6 +337,8 @@ def extrapolate(small: dict, large: dict) -> None:
     print("\n== extrapolation (per layer t = a + b*acts, from the two sizes; x 28 layers, 229,376 features)")
     per_layer = [small["activations"] / N_LAYERS, large["activations"] / N_LAYERS]
     for kind in ("pack", "json", "metadata", "floor"):
+        if f"{kind}_s" not in large:
+            continue
         t0, t1 = small[f"{kind}_s"], large[f"{kind}_s"]
         b = (t1 - t0) / (per_layer[1] - per_layer[0])
         a = t0 - b * per_layer[0]
@@ -350,8 +356,9 @@ def extrapolate(small: dict, large: dict) -> None:
               f"7e9: {7e9 / rate / 60:.1f} min on this machine")
     growth = {k: large[k] / small[k] for k in large if k.endswith("_ms")}
     print("  latency growth N -> 4N: " + ", ".join(f"{k[:-3]} {v:.2f}x" for k, v in growth.items()))
-    print("  peak RSS growth N -> 4N: " + ", ".join(f"{k} {large[f'{k}_rss_mb'] / small[f'{k}_rss_mb']:.2f}x"
-                                                   for k in ("pack", "json", "metadata", "metadata_all")))
+    if "pack_rss_mb" in large:
+        print("  peak RSS growth N -> 4N: " + ", ".join(f"{k} {large[f'{k}_rss_mb'] / small[f'{k}_rss_mb']:.2f}x"
+                                                       for k in ("pack", "json", "metadata", "metadata_all")))
 
 
 def main() -> None:
@@ -360,6 +367,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "featurestore-scale")
+    parser.add_argument("--no-exports", action="store_true", help="Skip the exports (latencies, check, compact only).")
     parser.add_argument("--child", nargs=5, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -372,7 +380,7 @@ def main() -> None:
         build_store(store, size)
         print(f"store of {size:.0e} activations ready in {time.perf_counter() - started:.0f} s: {store}", file=sys.stderr)
         scratch = args.root / "out"
-        results.append(measure(store, args.runs, args.workers, scratch))
+        results.append(measure(store, args.runs, args.workers, scratch, not args.no_exports))
         report(f"{size:.0e}", results[-1])
         shutil.rmtree(scratch, ignore_errors=True)
     if len(results) >= 2:

@@ -36,7 +36,8 @@ def test_cli_two_workers_equal_single_process(tiny, two_worker_store):
     manifest = fs.open(out).manifest
     chunks = sorted(c["chunk"] for c in manifest["chunks"])
     assert chunks == [0, 1, 2, 3, 4]
-    assert all(len(c["attempt"]) == 8 and f".{c['attempt']}.parquet" in c["files"]["tokens"][0] for c in manifest["chunks"])
+    assert all(len(c["attempt"]) == 8 and f".{c['attempt']}.parquet" in c["files"]["sequences"][0] for c in manifest["chunks"])
+    assert manifest["compacted_tokens"]["chunks"] == chunks  # every chunk's tokens merged by the final compaction
     assert manifest["runs"][-1]["finished"] and manifest["runs"][-1]["workers"] == 2
     assert chunk_files_on_disk(out) == committed_files(out)
 
@@ -121,7 +122,7 @@ def test_killed_driver_loses_nothing_and_rerun_resumes(tiny, ray_cluster, tmp_pa
     assert stats.chunks == 4 and stats.worker_failures == 0  # only the missing chunks ran
     final = fs.open(out).manifest
     unchanged = lambda c: {k: v for k, v in c.items() if k not in ("files", "hashes")} | {  # noqa: E731
-        "files": {t: c["files"][t] for t in ("tokens", "sequences")}}  # compaction took over activations, feature_stats
+        "files": {"sequences": c["files"]["sequences"]}}  # compaction took over activations, feature_stats, tokens
     assert [unchanged(c) for c in final["chunks"] if c["chunk"] == kept[0]["chunk"]] == [unchanged(kept[0])]
     assert snapshot(out) == snapshot(tiny["store_path"])
     assert chunk_files_on_disk(out) == committed_files(out)
