@@ -60,10 +60,9 @@ def files_of(store, table: str, source: str, layer: int | None) -> list[str]:
     return [str(store.path / f) for f in store.manifest_obj.files(table, source) if f.startswith(prefix)]
 
 
-def tokens_scan(store, seq_ids=None) -> str:
-    """A FROM clause over the raw ``tokens`` files: all, or those of the chunks holding ``seq_ids``."""
-    files = [str(store.path / f) for f in store.manifest_obj.files("tokens")] if seq_ids is None else \
-        views.sequence_files(store.manifest_obj, "tokens", seq_ids)
+def tokens_scan(store) -> str:
+    """A FROM clause over every raw ``tokens`` file."""
+    files = [str(store.path / f) for f in store.manifest_obj.files("tokens")]
     if not files:
         return f"({views.empty_select({'seq_id': 'INTEGER', 'pos': 'INTEGER', 'token_id': 'INTEGER'})})"
     return views.parquet_scan(files, False)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from featurestore import views
+
 from .feature_queries import tokens_scan
 
 
@@ -23,16 +25,15 @@ class TokenIndex:
     @classmethod
     def load(cls, store, seq_ids: np.ndarray | None = None) -> "TokenIndex":
         """All tokens, or only those of ``seq_ids`` (what a single-feature document needs)."""
-        where = ""
-        if seq_ids is not None:
-            wanted = ", ".join(str(int(s)) for s in np.unique(seq_ids))
-            where = f"WHERE seq_id IN ({wanted})" if len(seq_ids) else "WHERE false"
-        con = store.con.cursor()
-        try:
-            columns = con.execute(f"SELECT seq_id, token_id FROM {tokens_scan(store, seq_ids)} {where} "
-                                  "ORDER BY seq_id, pos").fetchnumpy()
-        finally:
-            con.close()
+        if seq_ids is not None:  # only the row groups of these sequences
+            table = views.sequence_tokens(store.manifest_obj, seq_ids, ["seq_id", "pos", "token_id"])
+            columns = {name: table.column(name).to_numpy() for name in ("seq_id", "token_id")}
+        else:
+            con = store.con.cursor()
+            try:
+                columns = con.execute(f"SELECT seq_id, token_id FROM {tokens_scan(store)} ORDER BY seq_id, pos").fetchnumpy()
+            finally:
+                con.close()
         seqs = np.asarray(columns["seq_id"], dtype=np.int64)
         size = int(seqs.max()) + 1 if len(seqs) else 0
         seq_len = np.bincount(seqs, minlength=size).astype(np.int64)

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import checks, schema
 from .manifest import Manifest, writer_lock
-from .storage import HashingFile, _fsync_dir, is_remote, store_path, temp_path, write_parquet_atomic
+from .storage import HashingFile, _fsync_dir, is_remote, open_parquet, store_path, temp_path, write_parquet_atomic
 
 GROUP_ROWS = 1 << 16  # rows per row group: a range of whole features (a bigger feature spans several groups)
 FILE_ROWS = 1 << 26  # rows per compacted file (~0.5 GB)
@@ -200,12 +200,6 @@ def sort_rows(table: pa.Table) -> pa.Table:
         return table.sort_by(SORT_KEYS)
     rank = (feature - lowest).astype(np.uint64)
     return table.take(np.argsort((rank << np.uint64(51)) | (seq << np.uint64(20)) | pos, kind="stable"))
-
-
-def open_parquet(path) -> pq.ParquetFile:
-    if is_remote(path):
-        return pq.ParquetFile(path.filesystem.open_input_file(path.key))
-    return pq.ParquetFile(path)
 
 
 def _planning_counts(root, source: str, inputs: list[str], stats: pa.Table) -> np.ndarray:

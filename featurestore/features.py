@@ -5,6 +5,7 @@ import html
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pyarrow as pa
 
 from . import neuron_windows, views
@@ -97,6 +98,18 @@ def check_unit(manifest: dict, source: str, layer: int, feature: int) -> None:
     n_units = int(model["n_features"])
     if not 0 <= feature < n_units:
         raise UserError(f"feature {feature} out of range: layer {layer} has features 0-{n_units - 1}")
+
+
+def _window_rows(manifest, seq_ids: list[int], wanted: pa.Table) -> pa.Table:
+    """The tokens inside the wanted windows: their sequences' row groups only (not a scan of every token), cut to
+    the windows in numpy so the join that follows sees a few thousand rows."""
+    table = views.sequence_tokens(manifest, seq_ids, ["seq_id", "pos", "token_id", "region"])
+    key = (table.column("seq_id").to_numpy().astype(np.int64) << 32) | table.column("pos").to_numpy().astype(np.int64)
+    seq = wanted.column("seq_id").to_numpy().astype(np.int64) << 32
+    first = np.searchsorted(key, seq | wanted.column("lo").to_numpy().astype(np.int64))
+    stop = np.searchsorted(key, seq | wanted.column("hi").to_numpy().astype(np.int64), side="right")
+    rows = np.unique(np.concatenate([np.arange(a, b) for a, b in zip(first.tolist(), stop.tolist())] or [np.zeros(0, np.int64)]))
+    return table.take(rows)
 
 
 class Feature:
@@ -198,16 +211,17 @@ class Feature:
                            "lo": pa.array([max(0, r[1] - before) for r in rows], pa.int32()),
                            "hi": pa.array([r[1] + after for r in rows], pa.int32())})
         con.register("_wanted_windows", wanted)
+        con.register("_window_tokens", _window_rows(self.store.manifest_obj, seq_ids, wanted))
         try:
-            token_rows = con.execute(  # only the chunks holding these sequences: not a scan of every token
-                f"SELECT DISTINCT t.seq_id, t.pos, t.token_id, t.token, t.region, v.raw "
-                f"FROM ({views.tokens_select(self.store.manifest_obj, seq_ids)}) t "
+            token_rows = con.execute(
+                "SELECT DISTINCT t.seq_id, t.pos, t.token_id, v.token, t.region::VARCHAR, v.raw FROM _window_tokens t "
                 "JOIN _wanted_windows w ON t.seq_id = w.seq_id AND t.pos BETWEEN w.lo AND w.hi "
                 "LEFT JOIN vocab v ON v.token_id = t.token_id ORDER BY t.seq_id, t.pos").fetchall()
             domains = dict(con.execute(
                 "SELECT seq_id, domain FROM sequences WHERE seq_id IN (SELECT seq_id FROM _wanted_windows)").fetchall())
         finally:
             con.unregister("_wanted_windows")
+            con.unregister("_window_tokens")
         by_seq: dict[int, dict[int, tuple]] = {}
         for seq_id, pos, token_id, token, region, raw in token_rows:
             by_seq.setdefault(seq_id, {})[pos] = (token_id, token, region, raw)

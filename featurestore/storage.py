@@ -270,6 +270,13 @@ def is_remote(path) -> bool:
     return isinstance(path, RemotePath)
 
 
+def open_parquet(path) -> pq.ParquetFile:
+    """A Parquet file of the store, local or on an object store."""
+    if is_remote(path):
+        return pq.ParquetFile(path.filesystem.open_input_file(path.key))
+    return pq.ParquetFile(path)
+
+
 def register_duckdb(con, root: RemotePath) -> None:
     """Let DuckDB read ``scheme://`` paths through the store's own pyarrow filesystem (an fsspec wrapper)."""
     from fsspec.implementations.arrow import ArrowFSWrapper

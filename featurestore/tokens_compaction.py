@@ -17,7 +17,8 @@ import sys
 import pyarrow as pa
 
 from . import checks, schema
-from .compaction import Output, open_parquet
+from .compaction import Output
+from .storage import open_parquet
 from .manifest import Manifest
 
 KEY = "compacted_tokens"

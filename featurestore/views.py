@@ -73,29 +73,64 @@ def activation_scan(manifest: Manifest, source: str, layer: int) -> str:
     return f"read_parquet({sql_list(files)})"
 
 
-def sequence_files(manifest: Manifest, table: str, seq_ids) -> list[str]:
-    """Absolute paths of the ``tokens`` or ``sequences`` files holding any of ``seq_ids`` (each chunk, and the
-    compacted tokens file, records its [first, last + 1) rows): a window lookup reads a few files, not all."""
-    wanted = np.unique(np.asarray(list(seq_ids) if not isinstance(seq_ids, np.ndarray) else seq_ids, dtype=np.int64))
-    files = []
+def _sequence_rels(manifest: Manifest, table: str, wanted: np.ndarray) -> list[str]:
+    rels = []
     compacted = (manifest.data.get("compacted_tokens") or {}) if table == "tokens" else {}
     for rel, (first, stop) in zip(compacted.get("files", []), compacted.get("rows", [])):
         if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):
-            files.append(str(manifest.root / rel))
+            rels.append(rel)
     for record in sorted(manifest.chunks, key=lambda c: (c["chunk"], c["source"])):
         first, stop = record.get("rows") or (0, 1 << 62)  # a record without its range: always read
         if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):  # some wanted id in [first, stop)
-            files.extend(str(manifest.root / rel) for rel in record["files"].get(table, []))
-    return files
+            rels.extend(record["files"].get(table, []))
+    return rels
 
 
-def tokens_select(manifest: Manifest, seq_ids=None) -> str:
-    """The ``tokens`` view's rows (with ``token``, ``region`` as text), over every chunk or only those holding
-    ``seq_ids``."""
-    files = [str(manifest.root / f) for f in manifest.files("tokens")] if seq_ids is None else \
-        sequence_files(manifest, "tokens", seq_ids)
-    raw = f"SELECT {', '.join(schema_columns(schema.TOKENS))} FROM {parquet_scan(files, False)}" if files else \
-        empty_select(schema_columns(schema.TOKENS))
+def _unique_ids(seq_ids) -> np.ndarray:
+    return np.unique(np.asarray(list(seq_ids) if not isinstance(seq_ids, np.ndarray) else seq_ids, dtype=np.int64))
+
+
+def sequence_files(manifest: Manifest, table: str, seq_ids) -> list[str]:
+    """Absolute paths of the ``tokens`` or ``sequences`` files holding any of ``seq_ids`` (each chunk, and the
+    compacted tokens file, records its [first, last + 1) rows): a window lookup reads a few files, not all."""
+    return [str(manifest.root / rel) for rel in _sequence_rels(manifest, table, _unique_ids(seq_ids))]
+
+
+def sequence_tokens(manifest: Manifest, seq_ids, columns: list[str]) -> pa.Table:
+    """``tokens`` rows of these sequences, ordered by (seq_id, pos), read from only the row groups whose seq_id
+    statistics can hold them. DuckDB prunes an ``IN`` list by its minimum and maximum alone, so a feature's examples,
+    spread over the store's sequences, would read every row group of the tokens file."""
+    wanted = _unique_ids(seq_ids)
+    tables = []
+    for rel in _sequence_rels(manifest, "tokens", wanted):
+        file = storage.open_parquet(manifest.root / rel)
+        meta, index = file.metadata, file.schema_arrow.get_field_index("seq_id")
+        groups = []
+        for group in range(meta.num_row_groups):
+            stats = meta.row_group(group).column(index).statistics
+            if stats is None or not stats.has_min_max or \
+                    np.searchsorted(wanted, stats.min) < np.searchsorted(wanted, stats.max, side="right"):
+                groups.append(group)
+        if groups:
+            table = file.read_row_groups(groups, columns=columns)
+            seq = table.column("seq_id").to_numpy()
+            if len(seq) > 1 and bool((seq[1:] >= seq[:-1]).all()):  # a sorted file: each sequence is one slice
+                starts, stops = np.searchsorted(seq, wanted), np.searchsorted(seq, wanted, side="right")
+                tables.extend(table.slice(a, b - a) for a, b in zip(starts.tolist(), stops.tolist()) if b > a)
+            else:
+                tables.append(table.filter(pa.array(np.isin(seq, wanted))))
+    if not tables:
+        return schema.empty_table(pa.schema([schema.TOKENS.field(name) for name in columns]))
+    table = pa.concat_tables(tables)
+    seq, pos = table.column("seq_id").to_numpy(), table.column("pos").to_numpy()
+    key = (seq.astype(np.int64) << 32) | pos.astype(np.int64)
+    return table if len(key) < 2 or bool((key[1:] > key[:-1]).all()) else \
+        table.sort_by([("seq_id", "ascending"), ("pos", "ascending")])
+
+
+def tokens_select(manifest: Manifest) -> str:
+    """The ``tokens`` view: the raw rows with ``token`` (from the vocabulary) and ``region`` as text."""
+    raw = _table_select(manifest, "tokens", schema.TOKENS, False)
     return f"""SELECT t.seq_id, t.pos, t.token_id, v.token, t.region::VARCHAR AS region, t.thinking_pos
         FROM ({raw}) t LEFT JOIN vocab v USING (token_id)"""
 
