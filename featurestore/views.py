@@ -73,27 +73,24 @@ def activation_scan(manifest: Manifest, source: str, layer: int) -> str:
     return f"read_parquet({sql_list(files)})"
 
 
-def _sequence_rels(manifest: Manifest, table: str, wanted: np.ndarray) -> list[str]:
+def token_files(manifest: Manifest, seq_ids) -> list[str]:
+    """The ``tokens`` files (relative paths) that can hold any of ``seq_ids``: each chunk, and the compacted tokens
+    file, records its [first, last + 1) sequences, so a window lookup opens a few files, not one per chunk."""
+    wanted = _unique_ids(seq_ids)
     rels = []
-    compacted = (manifest.data.get("compacted_tokens") or {}) if table == "tokens" else {}
+    compacted = manifest.data.get("compacted_tokens") or {}
     for rel, (first, stop) in zip(compacted.get("files", []), compacted.get("rows", [])):
-        if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):
+        if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):  # some wanted id in [first, stop)
             rels.append(rel)
     for record in sorted(manifest.chunks, key=lambda c: (c["chunk"], c["source"])):
         first, stop = record.get("rows") or (0, 1 << 62)  # a record without its range: always read
-        if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):  # some wanted id in [first, stop)
-            rels.extend(record["files"].get(table, []))
+        if np.searchsorted(wanted, first) < np.searchsorted(wanted, stop):
+            rels.extend(record["files"].get("tokens", []))
     return rels
 
 
 def _unique_ids(seq_ids) -> np.ndarray:
     return np.unique(np.asarray(list(seq_ids) if not isinstance(seq_ids, np.ndarray) else seq_ids, dtype=np.int64))
-
-
-def sequence_files(manifest: Manifest, table: str, seq_ids) -> list[str]:
-    """Absolute paths of the ``tokens`` or ``sequences`` files holding any of ``seq_ids`` (each chunk, and the
-    compacted tokens file, records its [first, last + 1) rows): a window lookup reads a few files, not all."""
-    return [str(manifest.root / rel) for rel in _sequence_rels(manifest, table, _unique_ids(seq_ids))]
 
 
 def sequence_tokens(manifest: Manifest, seq_ids, columns: list[str]) -> pa.Table:
@@ -102,7 +99,7 @@ def sequence_tokens(manifest: Manifest, seq_ids, columns: list[str]) -> pa.Table
     spread over the store's sequences, would read every row group of the tokens file."""
     wanted = _unique_ids(seq_ids)
     tables = []
-    for rel in _sequence_rels(manifest, "tokens", wanted):
+    for rel in token_files(manifest, wanted):
         file = storage.open_parquet(manifest.root / rel)
         meta, index = file.metadata, file.schema_arrow.get_field_index("seq_id")
         groups = []

@@ -191,14 +191,14 @@ def test_export_of_an_uncompacted_layer_says_compaction_would_help(chunked, tmp_
 
 def test_window_lookups_read_only_the_files_of_their_sequences(chunked, tmp_path):
     from exporters.token_index import TokenIndex
-    from featurestore.views import sequence_files
+    from featurestore.views import token_files
 
     store = tmp_path / "store"
     shutil.copytree(chunked, store)
     handle = fs.open(store)
     records = sorted(handle.manifest["chunks"], key=lambda c: c["chunk"])
     first = records[1]["rows"][0]
-    assert sequence_files(handle.manifest_obj, "tokens", [first]) == [str(store / records[1]["files"]["tokens"][0])]
+    assert token_files(handle.manifest_obj, [first]) == records[1]["files"]["tokens"]
     whole = TokenIndex.load(handle)
     one = TokenIndex.load(handle, np.array([first]))
     length = int(whole.seq_len[first])
@@ -206,8 +206,8 @@ def test_window_lookups_read_only_the_files_of_their_sequences(chunked, tmp_path
     assert (one.token_ids[one.seq_start[first]:][:length] == whole.token_ids[whole.seq_start[first]:][:length]).all()
     compaction.compact(store, progress=False)
     handle = fs.open(store)
-    assert sequence_files(handle.manifest_obj, "tokens", [first]) == [str(store / "tokens/compact-g0001-000.parquet")]
-    assert sequence_files(handle.manifest_obj, "tokens", [10 ** 9]) == []
+    assert token_files(handle.manifest_obj, [first]) == ["tokens/compact-g0001-000.parquet"]
+    assert token_files(handle.manifest_obj, [10 ** 9]) == []
     again = TokenIndex.load(handle, np.array([first]))
     assert (again.token_ids[again.seq_start[first]:][:length] == one.token_ids[one.seq_start[first]:][:length]).all()
 
